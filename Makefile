@@ -1,0 +1,42 @@
+# One-command set-up: every target below creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+
+.PHONY: setup demo test unit notebooks lint lab bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes (or .venv is missing).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev,hf]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m mla_ref demo
+
+# Lint, then unit tests and every notebook in one pytest run (one summary line).
+test: setup lint
+	$(PY) -m pytest -q tests notebooks $(NBVAL)
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+notebooks: setup
+	$(PY) -m pytest -q notebooks $(NBVAL)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
