@@ -204,9 +204,8 @@ class MultiHeadLatentAttention(nn.Module):
         latent, rope_key = self.kv_a_proj_with_mqa(x).split([d_c, d_r], dim=-1)  # (b, s, d_c), (b, s, d_R)
         if self.latent_norm:
             latent = self.kv_a_layernorm(latent)
-        if d_r:
-            q_rope = apply_rope(q_rope, positions, **rope)
-            rope_key = apply_rope(rope_key, positions, **rope)
+        q_rope = apply_rope(q_rope, positions, **rope)  # (b, h, s, d_R)
+        rope_key = apply_rope(rope_key, positions, **rope)  # (b, s, d_R)
 
         if cache is None:
             rows = torch.cat([latent, rope_key], dim=-1)  # (b, t, d_c + d_R)

@@ -68,6 +68,8 @@ def apply_rope(
     """
     d = x.shape[-1]
     require_even("rotary dimension (x.shape[-1])", d)
+    if d == 0:  # nothing to rotate (e.g. an MLA without a RoPE key)
+        return x.clone()
     if positions.ndim != 1 or positions.shape[0] != x.shape[-2]:
         raise ValueError(f"positions must have shape (t,) = ({x.shape[-2]},), got {tuple(positions.shape)}")
     freqs = inverse_frequencies(d, theta) if inv_freq is None else inv_freq.float()
