@@ -1,0 +1,421 @@
+"""KV-cache sizes, computed from a model's attention shape alone (DESIGN.md §2).
+
+Per token per layer, a cache holds
+
+    MHA / GQA / MQA     2 · n_kv · d_h          keys and values of the n_kv KV heads
+    MLA                 d_c + d_R               the latent c and the shared roped key k^R
+
+and over a whole model, at a context of T tokens and a batch of b sequences,
+
+    bytes_per_token = elements_per_token_per_layer · L · bytes_per_element
+    total_bytes     = bytes_per_token · T · b
+
+head_dim is read as an explicit integer (never a rounded hidden_size / n_h when a config
+states it), and MLA's figure counts d_R as well as d_c.
+
+``python -m mla_ref kv-cache MODEL`` prints, for a preset or a Hugging Face ``config.json``,
+the model's own cache next to MLA caches of DeepSeek's size (512 + 64) and smaller, and, for a
+DeepSeek model, the MHA-equivalent cache it avoids.  The same figures are available from Python:
+
+    >>> shape = load_model_shape("llama-2-7b")
+    >>> report(shape, context=4096, batch=1, dtype="bf16")["variants"][0]["bytes_per_token"]
+    524288
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
+from mla_ref.attention import GroupedQueryAttention
+from mla_ref.mla import MultiHeadLatentAttention
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# (d_c, d_R) of the MLA caches listed next to every model: DeepSeek-V2/V3's size first, then smaller.
+MLA_LATENTS: tuple[tuple[int, int], ...] = ((512, 64), (256, 64), (128, 32))
+
+GQA_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral")
+MLA_MODEL_TYPES: tuple[str, ...] = ("deepseek_v2", "deepseek_v3")
+
+
+# ---- the formulas ----------------------------------------------------------------------------
+def gqa_elements_per_token_per_layer(n_kv_heads: int, head_dim: int) -> int:
+    """MHA / GQA / MQA: keys and values of the n_kv KV heads, 2 · n_kv · d_h."""
+    require_positive_int("n_kv_heads", n_kv_heads)
+    require_positive_int("head_dim", head_dim)
+    # elements = 2 · n_kv · d_h
+    return 2 * n_kv_heads * head_dim
+
+
+def mla_elements_per_token_per_layer(kv_lora_rank: int, qk_rope_head_dim: int) -> int:
+    """MLA: the latent c and the shared roped key k^R, d_c + d_R."""
+    require_positive_int("kv_lora_rank", kv_lora_rank)
+    require_non_negative_int("qk_rope_head_dim", qk_rope_head_dim)
+    # elements = d_c + d_R
+    return kv_lora_rank + qk_rope_head_dim
+
+
+def mha_equivalent_elements_per_token_per_layer(
+    n_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int
+) -> int:
+    """The cache an MLA model would need if it stored per-head keys and values: n_h · (d_N + d_R + d_v).
+
+    These are exactly the keys and values MLA's naive path builds from the latent: for each of
+    the n_h heads a key [k_i^N ; k^R] of d_N + d_R elements and a value v_i of d_v elements
+    (the shared k^R counted once per head, as an ordinary MHA cache of those keys would).
+    DeepSeek-V2's Table 1 instead writes MHA as 2 · n_h · d_h with one head size d_h for keys
+    and values and no roped part (2 · 128 · 128 = 32768 for DeepSeek-V2, against 40960 here).
+    """
+    require_positive_int("n_heads", n_heads)
+    require_non_negative_int("qk_nope_head_dim", qk_nope_head_dim)
+    require_non_negative_int("qk_rope_head_dim", qk_rope_head_dim)
+    require_positive_int("v_head_dim", v_head_dim)
+    # elements = n_h · (d_N + d_R + d_v)
+    return n_heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim)
+
+
+def bytes_per_element(dtype: str) -> int:
+    """Bytes of one cached element in ``dtype`` ("bf16", "fp16" or "fp32"), as torch stores it."""
+    require_choice("dtype", dtype, tuple(DTYPES))
+    return DTYPES[dtype].itemsize
+
+
+# ---- model shapes ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention dimensions that decide a model's KV cache.
+
+    A GQA-family model (MHA, GQA, MQA) sets ``n_kv_heads`` and ``head_dim``; an MLA model sets
+    ``kv_lora_rank`` (d_c), ``qk_rope_head_dim`` (d_R), ``qk_nope_head_dim`` (d_N) and
+    ``v_head_dim`` (d_v).  The other group stays None.
+    """
+
+    name: str
+    layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("layers", "d_model", "n_heads"):
+            require_positive_int(f"{self.name}: {field}", getattr(self, field))
+        gqa = (self.n_kv_heads, self.head_dim)
+        mla = (self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim)
+        if all(v is not None for v in gqa) and all(v is None for v in mla):
+            require_positive_int(f"{self.name}: n_kv_heads", self.n_kv_heads)
+            require_positive_int(f"{self.name}: head_dim", self.head_dim)
+            if self.n_heads % self.n_kv_heads != 0:
+                raise ValueError(
+                    f"{self.name}: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+                )
+        elif all(v is not None for v in mla) and all(v is None for v in gqa):
+            require_positive_int(f"{self.name}: kv_lora_rank", self.kv_lora_rank)
+            require_non_negative_int(f"{self.name}: qk_rope_head_dim", self.qk_rope_head_dim)
+            require_non_negative_int(f"{self.name}: qk_nope_head_dim", self.qk_nope_head_dim)
+            require_positive_int(f"{self.name}: v_head_dim", self.v_head_dim)
+        else:
+            raise ValueError(
+                f"{self.name}: set either n_kv_heads and head_dim (MHA/GQA/MQA) or kv_lora_rank, "
+                "qk_rope_head_dim, qk_nope_head_dim and v_head_dim (MLA), not a mix"
+            )
+
+    @property
+    def attention(self) -> str:
+        """ "MHA", "GQA", "MQA" or "MLA"."""
+        if self.kv_lora_rank is not None:
+            return "MLA"
+        if self.n_kv_heads == self.n_heads:
+            return "MHA"
+        return "MQA" if self.n_kv_heads == 1 else "GQA"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, layers: int = 1, name: str | None = None) -> ModelShape:
+        """The shape of ``layers`` copies of one attention module (GQA family or MLA)."""
+        name = name or type(module).__name__
+        if isinstance(module, MultiHeadLatentAttention):
+            return cls(
+                name,
+                layers,
+                module.d_model,
+                module.n_heads,
+                kv_lora_rank=module.kv_lora_rank,
+                qk_rope_head_dim=module.qk_rope_head_dim,
+                qk_nope_head_dim=module.qk_nope_head_dim,
+                v_head_dim=module.v_head_dim,
+            )
+        if isinstance(module, GroupedQueryAttention):
+            return cls(
+                name, layers, module.d_model, module.n_heads, n_kv_heads=module.n_kv_heads, head_dim=module.head_dim
+            )
+        raise ValueError(
+            f"module must be a GroupedQueryAttention or a MultiHeadLatentAttention, got {type(module).__name__}"
+        )
+
+
+def _gqa(name: str, layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> ModelShape:
+    return ModelShape(name, layers, d_model, n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim)
+
+
+def _mla(name: str, layers: int, d_model: int, n_heads: int, d_c: int, d_r: int, d_n: int, d_v: int) -> ModelShape:
+    return ModelShape(
+        name, layers, d_model, n_heads, kv_lora_rank=d_c, qk_rope_head_dim=d_r, qk_nope_head_dim=d_n, v_head_dim=d_v
+    )
+
+
+# Published config.json values: num_hidden_layers, hidden_size, num_attention_heads, then
+# num_key_value_heads and head_dim, or kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim.
+PRESETS: dict[str, ModelShape] = {
+    shape.name: shape
+    for shape in (
+        _gqa("llama-2-7b", 32, 4096, 32, 32, 128),
+        _gqa("llama-3-8b", 32, 4096, 32, 8, 128),
+        _gqa("llama-3.2-1b", 16, 2048, 32, 8, 64),
+        _gqa("qwen2.5-0.5b", 24, 896, 14, 2, 64),
+        _gqa("qwen2.5-7b", 28, 3584, 28, 4, 128),
+        _gqa("mistral-7b", 32, 4096, 32, 8, 128),
+        _gqa("smollm2-135m", 30, 576, 9, 3, 64),
+        _mla("deepseek-v2", 60, 5120, 128, 512, 64, 128, 128),
+        _mla("deepseek-v3", 61, 7168, 128, 512, 64, 128, 128),
+    )
+}
+
+
+def _config_int(config: dict, key: str, source: str, *, allow_zero: bool = False) -> int:
+    if config.get(key) is None:
+        raise ValueError(f"{source}: missing {key!r}, which model_type {config['model_type']!r} needs")
+    check = require_non_negative_int if allow_zero else require_positive_int
+    return check(f"{key} in {source}", config[key])
+
+
+def shape_from_config(config: dict, name: str) -> ModelShape:
+    """Read the cache-relevant fields of a Hugging Face config (already parsed from JSON).
+
+    model_type llama / qwen2 / mistral: num_hidden_layers, hidden_size, num_attention_heads,
+    num_key_value_heads (default: num_attention_heads), head_dim (default: hidden_size /
+    num_attention_heads, which must then divide exactly).  model_type deepseek_v2 / deepseek_v3:
+    kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim as well.
+    """
+    allowed = GQA_MODEL_TYPES + MLA_MODEL_TYPES
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: a config must be a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type not in allowed:
+        raise ValueError(f"{name}: unknown model_type {model_type!r}; allowed: {', '.join(allowed)}")
+    layers = _config_int(config, "num_hidden_layers", name)
+    d_model = _config_int(config, "hidden_size", name)
+    n_heads = _config_int(config, "num_attention_heads", name)
+    if model_type in MLA_MODEL_TYPES:
+        return _mla(
+            name,
+            layers,
+            d_model,
+            n_heads,
+            _config_int(config, "kv_lora_rank", name),
+            _config_int(config, "qk_rope_head_dim", name, allow_zero=True),
+            _config_int(config, "qk_nope_head_dim", name, allow_zero=True),
+            _config_int(config, "v_head_dim", name),
+        )
+    n_kv_heads = (
+        n_heads if config.get("num_key_value_heads") is None else _config_int(config, "num_key_value_heads", name)
+    )
+    if config.get("head_dim") is not None:
+        head_dim = _config_int(config, "head_dim", name)
+    elif d_model % n_heads != 0:
+        raise ValueError(
+            f"{name}: hidden_size ({d_model}) is not divisible by num_attention_heads ({n_heads}) "
+            "and the config has no head_dim; add head_dim to the config"
+        )
+    else:
+        head_dim = d_model // n_heads
+    return _gqa(name, layers, d_model, n_heads, n_kv_heads, head_dim)
+
+
+def load_model_shape(name_or_path: str | Path) -> ModelShape:
+    """A preset by name, or the shape read from a ``config.json`` (or a directory holding one)."""
+    if str(name_or_path) in PRESETS:
+        return PRESETS[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"directory {str(name_or_path)!r} holds no config.json")
+    elif not path.is_file():
+        raise ValueError(
+            f"unknown model {str(name_or_path)!r}: not a preset and no such file or directory; "
+            f"presets: {', '.join(PRESETS)}"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r} as a JSON config: {exc}") from exc
+    return shape_from_config(config, str(path))
+
+
+# ---- variants and reports ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheVariant:
+    """One way of caching a layer's attention state, and what it costs per token."""
+
+    name: str
+    elements_per_token_per_layer: int
+
+
+def elements_per_token_per_layer(shape: ModelShape) -> int:
+    """What one token costs in one layer of the model's own cache."""
+    if shape.attention == "MLA":
+        return mla_elements_per_token_per_layer(shape.kv_lora_rank, shape.qk_rope_head_dim)
+    return gqa_elements_per_token_per_layer(shape.n_kv_heads, shape.head_dim)
+
+
+def _own_variant_name(shape: ModelShape) -> str:
+    if shape.attention == "MLA":
+        return f"MLA (d_c={shape.kv_lora_rank}, d_R={shape.qk_rope_head_dim})"
+    return f"{shape.attention} (n_kv={shape.n_kv_heads}, d_h={shape.head_dim})"
+
+
+def cache_variants(shape: ModelShape) -> list[CacheVariant]:
+    """The model's own cache first, then MLA caches of ``MLA_LATENTS`` sizes not already listed.
+
+    For an MLA model the MHA-equivalent cache comes last: n_h heads of keys [k_i^N ; k^R]
+    (d_N + d_R) and values v_i (d_v), what storing the up-projected keys and values would cost
+    (see ``mha_equivalent_elements_per_token_per_layer``).
+    """
+    variants = [CacheVariant(_own_variant_name(shape), elements_per_token_per_layer(shape))]
+    for d_c, d_r in MLA_LATENTS:
+        variant = CacheVariant(f"MLA (d_c={d_c}, d_R={d_r})", mla_elements_per_token_per_layer(d_c, d_r))
+        if variant.name not in {v.name for v in variants}:
+            variants.append(variant)
+    if shape.attention == "MLA":
+        d_k = shape.qk_nope_head_dim + shape.qk_rope_head_dim
+        elements = mha_equivalent_elements_per_token_per_layer(
+            shape.n_heads, shape.qk_nope_head_dim, shape.qk_rope_head_dim, shape.v_head_dim
+        )
+        variants.append(
+            CacheVariant(f"MHA-equivalent (n_h={shape.n_heads}, d_k={d_k}, d_v={shape.v_head_dim})", elements)
+        )
+    return variants
+
+
+def report(shape: ModelShape, context: int, batch: int = 1, dtype: str = "bf16") -> dict:
+    """Cache sizes of every variant of ``shape`` at ``context`` tokens and ``batch`` sequences.
+
+    Returns {"model", "layers", "dtype", "bytes_per_element", "context", "batch", "variants":
+    [{"name", "elements_per_token_per_layer", "bytes_per_token", "total_bytes"}]}, the model's
+    own variant first.  bytes_per_token covers all layers; total_bytes = bytes_per_token · T · b.
+    """
+    require_positive_int("context", context)
+    require_positive_int("batch", batch)
+    element_bytes = bytes_per_element(dtype)
+    variants = []
+    for variant in cache_variants(shape):
+        # bytes_per_token = elements · L · bytes_per_element
+        per_token = variant.elements_per_token_per_layer * shape.layers * element_bytes
+        variants.append(
+            {
+                "name": variant.name,
+                "elements_per_token_per_layer": variant.elements_per_token_per_layer,
+                "bytes_per_token": per_token,
+                # total_bytes = bytes_per_token · T · b
+                "total_bytes": per_token * context * batch,
+            }
+        )
+    return {
+        "model": shape.name,
+        "layers": shape.layers,
+        "dtype": dtype,
+        "bytes_per_element": element_bytes,
+        "context": context,
+        "batch": batch,
+        "variants": variants,
+    }
+
+
+def format_bytes(n_bytes: int) -> str:
+    """A byte count in binary units: 512 B, 36.00 KiB, 2.00 GiB."""
+    value, unit = float(n_bytes), "B"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{n_bytes} B" if unit == "B" else f"{value:.2f} {unit}"
+
+
+def format_table(result: dict) -> str:
+    """The report as a plain-text table; the last column is each variant's size over the model's own."""
+    own_bytes = result["variants"][0]["bytes_per_token"]
+    header = ("variant", "elements/token/layer", "bytes/token", "total", "vs model")
+    rows = [
+        (
+            variant["name"] + (" [model]" if i == 0 else ""),
+            f"{variant['elements_per_token_per_layer']:,}",
+            f"{variant['bytes_per_token']:,}",
+            format_bytes(variant["total_bytes"]),
+            f"{variant['bytes_per_token'] / own_bytes:.3f}x",
+        )
+        for i, variant in enumerate(result["variants"])
+    ]
+    widths = [max(len(row[col]) for row in (header, *rows)) for col in range(len(header))]
+    lines = [
+        f"KV cache of {result['model']}: {result['layers']} layers, {result['dtype']} "
+        f"({result['bytes_per_element']} bytes/element), context {result['context']:,}, batch {result['batch']}",
+        "",
+    ]
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# ---- command line -----------------------------------------------------------------------------
+class _UsageError(Exception):
+    """An argument argparse rejected; ``main`` prints it on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; report it like any bad value
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m mla_ref kv-cache",
+        description="KV-cache bytes of a model's own attention next to MLA caches of several latent sizes.",
+        epilog=f"presets: {', '.join(PRESETS)}",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a preset name, a config.json, or a directory holding one")
+    parser.add_argument("--context", type=int, default=4096, help="cached tokens per sequence (default 4096)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="cache element type (default bf16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mla_ref kv-cache MODEL [--context N] [--batch B] [--dtype D] [--json]``.
+
+    Returns 0, or 2 after printing one ``error: …`` line on stderr for bad input.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+        result = report(load_model_shape(args.model), args.context, args.batch, args.dtype)
+    except (_UsageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
