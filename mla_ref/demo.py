@@ -11,6 +11,7 @@ import argparse
 import torch
 
 from mla_ref.attention import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
+from mla_ref.calculator import format_bytes, load_model_shape, report
 from mla_ref.convert import mean_pool_kv_heads
 from mla_ref.mla import MLA
 
@@ -68,6 +69,18 @@ def mla_section(x: torch.Tensor) -> None:
     )
 
 
+def real_models_section() -> None:
+    print("\n== Real models: KV cache per token in bf16, over all layers ==")
+    for name in ("llama-2-7b", "llama-3-8b", "qwen2.5-7b", "deepseek-v3"):
+        result = report(load_model_shape(name), context=32_768, batch=1, dtype="bf16")
+        own, mla = result["variants"][0], next(v for v in result["variants"] if v["name"].startswith("MLA (d_c=512"))
+        print(
+            f"  {name:<12} {own['name']:<32} {own['bytes_per_token']:>9,} B/token; "
+            f"{format_bytes(own['total_bytes'])} at 32K tokens; MLA 512+64 needs {mla['bytes_per_token']:,} B/token"
+        )
+    print("  (python -m mla_ref kv-cache MODEL for the full table)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mla_ref demo", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
@@ -76,5 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         gqa_family_section(x)
         mla_section(x)
+    real_models_section()
     print("\nAll checks in this demo passed.")
     return 0
