@@ -37,6 +37,7 @@ lab: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/mla_decode_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -58,6 +58,8 @@ from mla_ref.rope import ROPE_LAYOUTS, RopeLayout, apply_rope
 
 AttentionPath = Literal["naive", "absorbed"]
 ATTENTION_PATHS: tuple[str, ...] = ("naive", "absorbed")
+DecodeBackend = Literal["auto", "torch", "triton"]
+DECODE_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -187,13 +189,21 @@ class MultiHeadLatentAttention(nn.Module):
         cache: LatentCache | None = None,
         *,
         path: AttentionPath = "naive",
+        backend: DecodeBackend = "auto",
     ) -> torch.Tensor:
         """Causal MLA over the cached tokens and the s new ones.
 
         Shapes: x (b, s, d_model) -> (b, s, d_model).  With a cache, the new latent rows are
         appended and the queries sit at positions t_cached … t_cached + s - 1.
+
+        ``backend`` picks who runs an absorbed decode step (s = 1): "triton" the flash-decoding
+        kernel of ``mla_ref.kernels``, "torch" the PyTorch code below, "auto" Triton on CUDA tensors
+        and PyTorch elsewhere.  Prefill (s > 1) and the naive path always run in PyTorch.
         """
         require_choice("path", path, ATTENTION_PATHS)
+        require_choice("backend", backend, DECODE_BACKENDS)
+        if backend == "triton" and path != "absorbed":
+            raise ValueError("backend 'triton' runs the absorbed path only; pass path='absorbed' or backend='torch'")
         d_n, d_r, d_c = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         offset = 0 if cache is None else cache.length
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
@@ -215,7 +225,7 @@ class MultiHeadLatentAttention(nn.Module):
         if path == "naive":
             out = self._attend_naive(q_nope, q_rope, rows, offset)  # (b, h, s, d_v)
         else:
-            out = self._attend_absorbed(q_nope, q_rope, rows, offset)  # (b, h, s, d_v)
+            out = self._attend_absorbed(q_nope, q_rope, rows, offset, backend)  # (b, h, s, d_v)
         return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
 
     def _attend_naive(self, q_nope, q_rope, rows, offset) -> torch.Tensor:
@@ -229,17 +239,28 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, s, d_N + d_R)
         return grouped_attention(q, k, v, scale=self.softmax_scale, q_offset=offset)
 
-    def _attend_absorbed(self, q_nope, q_rope, rows, offset) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_rope, rows, offset, backend="torch") -> torch.Tensor:
         """Attend over the latent rows directly (MQA with one K and one V head)."""
         d_c = self.kv_lora_rank
         # q_i^latent = q_i^N W_UK^i   (n_h small matmuls, once per new token)
         q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, self.key_up_proj())  # (b, h, s, d_c)
         q_absorbed = torch.cat([q_latent, q_rope], dim=-1)  # (b, h, s, d_c + d_R)
-        keys = rows[:, None]  # (b, 1, t, d_c + d_R): the cache rows themselves
-        values = rows[:, None, :, :d_c]  # (b, 1, t, d_c): their latent columns
-        out_latent = grouped_attention(
-            q_absorbed, keys, values, scale=self.softmax_scale, q_offset=offset
-        )  # (b, h, s, d_c)
+        single_step = q_absorbed.shape[2] == 1
+        if single_step and (backend == "triton" or (backend == "auto" and rows.is_cuda)):
+            from mla_ref.kernels import mla_decode  # imported on use: triton is optional
+
+            # A decode step sees every cached row, so each sequence's length is t.
+            lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.int32, device=rows.device)
+            out_latent, _ = mla_decode(
+                q_absorbed[:, :, 0], rows, lengths, kv_lora_rank=d_c, softmax_scale=self.softmax_scale, backend=backend
+            )  # (b, h, d_c)
+            out_latent = out_latent[:, :, None]  # (b, h, 1, d_c)
+        else:
+            keys = rows[:, None]  # (b, 1, t, d_c + d_R): the cache rows themselves
+            values = rows[:, None, :, :d_c]  # (b, 1, t, d_c): their latent columns
+            out_latent = grouped_attention(
+                q_absorbed, keys, values, scale=self.softmax_scale, q_offset=offset
+            )  # (b, h, s, d_c)
         # o_i = (Σ_t p_t c_t) W_UV^i
         return torch.einsum("bhsc,hdc->bhsd", out_latent, self.value_up_proj())  # (b, h, s, d_v)
 

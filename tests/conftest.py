@@ -2,9 +2,15 @@
 
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels can only run under Triton's interpreter, which is chosen when a kernel
+# module is first imported: set it before any test imports one (a value set by the caller is kept).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "default",

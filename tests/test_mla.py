@@ -1,5 +1,6 @@
 """MLA: the equations, naive ≡ absorbed, the latent cache, the absorbed matrices, bf16, long context, errors."""
 
+import importlib.util
 import math
 
 import pytest
@@ -188,6 +189,40 @@ def test_bad_configurations_raise_clear_errors(kwargs, message):
     config = dict(d_model=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
     with pytest.raises(ValueError, match=message):
         MLA(**{**config, **kwargs})
+
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed; the Triton backend is not tested"
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_backend_matches_the_torch_absorbed_path(dtype):
+    # On a machine without a GPU this runs the kernel under TRITON_INTERPRET=1 (set in conftest.py).
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = MLA(32, 4, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8).to(device, dtype)
+    x = torch.randn(3, 45, 32, device=device, dtype=dtype)
+    caches = {backend: m.new_cache() for backend in ("torch", "triton")}
+    outputs = {}
+    with torch.no_grad():
+        for backend, cache in caches.items():
+            steps = [m(x[:, :40], cache, path="absorbed", backend=backend)]  # prefill: PyTorch either way
+            steps += [m(x[:, t : t + 1], cache, path="absorbed", backend=backend) for t in range(40, 45)]
+            outputs[backend] = torch.cat(steps, 1).float()
+    # fp32: the kernel sums in another order (≈1e-6). bf16: it rounds the probabilities to bf16 before p·c,
+    # one more rounding of 2^-8 than the PyTorch path, on outputs of order 1.
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], atol=tolerance, rtol=tolerance)
+
+
+def test_triton_backend_needs_the_absorbed_path():
+    m = MLA(16, 2, 8, 4, 4, 4)
+    with pytest.raises(ValueError, match="backend 'triton' runs the absorbed path only"):
+        m(torch.randn(1, 1, 16), path="naive", backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        m(torch.randn(1, 1, 16), backend="cuda")
 
 
 def test_unknown_path_is_refused():
