@@ -15,6 +15,7 @@ Weight names follow Hugging Face Llama (q_proj, k_proj, v_proj, o_proj).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -22,7 +23,7 @@ from torch import nn
 
 from mla_ref._checks import require_choice, require_positive_int
 from mla_ref.cache import KVCache
-from mla_ref.rope import ROPE_LAYOUTS, RopeLayout, apply_rope
+from mla_ref.rope import ROPE_LAYOUTS, RopeLayout, apply_rope, frequency_table, rope_inv_freq
 
 
 def grouped_attention(
@@ -70,6 +71,8 @@ class GroupedQueryAttention(nn.Module):
         head_dim: d_h (default d_model // n_heads; set it explicitly when it differs).
         rope_theta: RoPE base θ.
         rope_layout: "rotate_half" (Llama) or "interleaved" (DeepSeek).
+        rope_frequencies: optional table of the head_dim/2 rotary frequencies, replacing θ^(-2j/d_h)
+            (scaled RoPE such as Llama 3's); kept as plain floats in the config, never cast to bf16.
         qkv_bias: biases on q/k/v projections (Qwen2 has them).
         o_bias: bias on the output projection.
 
@@ -85,6 +88,7 @@ class GroupedQueryAttention(nn.Module):
         *,
         rope_theta: float = 10000.0,
         rope_layout: RopeLayout = "rotate_half",
+        rope_frequencies: Sequence[float] | None = None,
         qkv_bias: bool = False,
         o_bias: bool = False,
     ):
@@ -106,6 +110,7 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {head_dim}")
         self.rope_theta = rope_theta
         self.rope_layout = require_choice("rope_layout", rope_layout, ROPE_LAYOUTS)
+        self.rope_frequencies = frequency_table(rope_frequencies, head_dim)
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
@@ -132,7 +137,7 @@ class GroupedQueryAttention(nn.Module):
         """
         offset = 0 if cache is None else cache.length
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        rope = dict(theta=self.rope_theta, layout=self.rope_layout)
+        rope = dict(theta=self.rope_theta, layout=self.rope_layout, inv_freq=rope_inv_freq(self.rope_frequencies))
         q = rearrange(self.q_proj(x), "b s (h d) -> b h s d", h=self.n_heads)  # (b, n_h, s, d_h)
         k = rearrange(self.k_proj(x), "b s (g d) -> b g s d", g=self.n_kv_heads)  # (b, n_kv, s, d_h)
         v = rearrange(self.v_proj(x), "b s (g d) -> b g s d", g=self.n_kv_heads)  # (b, n_kv, s, d_h)

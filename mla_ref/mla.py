@@ -39,6 +39,7 @@ so exporting is a renaming:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -54,7 +55,7 @@ from mla_ref._checks import (
 from mla_ref.attention import grouped_attention
 from mla_ref.cache import LatentCache
 from mla_ref.norm import RMSNorm
-from mla_ref.rope import ROPE_LAYOUTS, RopeLayout, apply_rope
+from mla_ref.rope import ROPE_LAYOUTS, RopeLayout, apply_rope, frequency_table, rope_inv_freq
 
 AttentionPath = Literal["naive", "absorbed"]
 ATTENTION_PATHS: tuple[str, ...] = ("naive", "absorbed")
@@ -76,6 +77,8 @@ class MultiHeadLatentAttention(nn.Module):
         latent_norm: RMS-normalise the latent c (DeepSeek does; exact conversions don't).
         bias: biases on q_proj / q_a_proj, kv_a_proj_with_mqa and o_proj.
         rope_theta, rope_layout: RoPE base and layout (DeepSeek uses "interleaved").
+        rope_frequencies: optional table of the d_R/2 rotary frequencies of the shared key, replacing
+            θ^(-2j/d_R) — a converted model's key keeps the frequencies its source heads had.
         norm_eps: epsilon of the RMSNorms.
 
     Shapes: forward x (b, s, d_model) -> (b, s, d_model).
@@ -95,6 +98,7 @@ class MultiHeadLatentAttention(nn.Module):
         bias: bool = False,
         rope_theta: float = 10000.0,
         rope_layout: RopeLayout = "interleaved",
+        rope_frequencies: Sequence[float] | None = None,
         norm_eps: float = 1e-6,
     ):
         super().__init__()
@@ -113,6 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.latent_norm = latent_norm
         self.rope_theta = rope_theta
         self.rope_layout = require_choice("rope_layout", rope_layout, ROPE_LAYOUTS)
+        self.rope_frequencies = frequency_table(rope_frequencies, qk_rope_head_dim)
 
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         if q_lora_rank is None:
@@ -207,7 +212,7 @@ class MultiHeadLatentAttention(nn.Module):
         d_n, d_r, d_c = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         offset = 0 if cache is None else cache.length
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        rope = dict(theta=self.rope_theta, layout=self.rope_layout)
+        rope = dict(theta=self.rope_theta, layout=self.rope_layout, inv_freq=rope_inv_freq(self.rope_frequencies))
 
         q = self._queries(x)  # (b, h, s, d_N + d_R)
         q_nope, q_rope = q.split([d_n, d_r], dim=-1)

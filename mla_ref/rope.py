@@ -16,6 +16,7 @@ rotation by (n - m)ω, the score q_m · k_n depends only on n - m.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -35,6 +36,30 @@ def inverse_frequencies(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor
         raise ValueError(f"theta must be positive, got {theta}")
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
     return (theta**-exponents).float()
+
+
+def frequency_table(
+    frequencies: Sequence[float] | None, rotary_dim: int, name: str = "rope_frequencies"
+) -> tuple[float, ...] | None:
+    """Check a per-pair frequency table (ω_0 … ω_{d/2-1}) for a rotary dimension; return it as a tuple.
+
+    A custom table replaces θ^(-2j/d) when RoPE was scaled (e.g. Llama 3's scaling) or when a conversion
+    assembled the rotary pairs of a key from several source heads.  A frequency of 0 leaves its pair
+    position-free.  ``None`` (the default table) passes through.
+    """
+    if frequencies is None:
+        return None
+    table = tuple(float(f) for f in frequencies)
+    if len(table) != rotary_dim // 2:
+        raise ValueError(f"{name} must hold one frequency per rotary pair ({rotary_dim // 2}), got {len(table)}")
+    if not all(math.isfinite(f) and f >= 0 for f in table):
+        raise ValueError(f"{name} must be finite and non-negative, got {list(table)}")
+    return table
+
+
+def rope_inv_freq(frequencies: tuple[float, ...] | None) -> torch.Tensor | None:
+    """A frequency table as the fp32 tensor ``apply_rope(inv_freq=…)`` takes (None stays None)."""
+    return None if frequencies is None else torch.tensor(frequencies, dtype=torch.float32)
 
 
 def pair_indices(rotary_dim: int, layout: RopeLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,3 +149,23 @@ def test_a_cache_fed_another_batch_size_is_refused():
     attention(torch.randn(2, 3, 16), cache)
     with pytest.raises(ValueError, match="batch size"):
         attention(torch.randn(3, 1, 16), cache)
+
+
+def test_a_custom_frequency_table_replaces_the_default():
+    torch.manual_seed(0)
+    default = GroupedQueryAttention(16, 2, 1, head_dim=8)
+    x = torch.randn(1, 6, 16)
+    standard_table = [10000 ** (-j / 4) for j in range(4)]
+    standard = GroupedQueryAttention(16, 2, 1, head_dim=8, rope_frequencies=standard_table)
+    standard.load_state_dict(default.state_dict())
+    torch.testing.assert_close(standard(x), default(x), **FP32)
+    # Frequency 0 leaves a pair unrotated: with all four at 0 the module is attention without RoPE.
+    no_rope = GroupedQueryAttention(16, 2, 1, head_dim=8, rope_frequencies=[0.0] * 4)
+    no_rope.load_state_dict(default.state_dict())
+    q = no_rope.q_proj(x).view(1, 6, 2, 8).transpose(1, 2)
+    k = no_rope.k_proj(x).view(1, 6, 1, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = no_rope.v_proj(x).view(1, 6, 1, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    expected = no_rope.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 6, 16))
+    torch.testing.assert_close(no_rope(x), expected, **FP32)
+    with pytest.raises(ValueError, match="one frequency per rotary pair"):
+        GroupedQueryAttention(16, 2, 1, head_dim=8, rope_frequencies=[1.0])

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mla_ref.mla import MLA, MultiHeadLatentAttention
-from mla_ref.rope import apply_rope
+from mla_ref.rope import apply_rope, rope_inv_freq
 
 # fp32, ≤ 40 tokens, small widths: the two paths differ only in summation order (≈1e-6).
 FP32 = dict(atol=2e-5, rtol=2e-5)
@@ -20,7 +20,7 @@ def reference_mla(m: MultiHeadLatentAttention, x: torch.Tensor) -> torch.Tensor:
     b, s, _ = x.shape
     d_n, d_r, d_c, d_v = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim
     positions = torch.arange(s)
-    rope = dict(theta=m.rope_theta, layout=m.rope_layout)
+    rope = dict(theta=m.rope_theta, layout=m.rope_layout, inv_freq=rope_inv_freq(m.rope_frequencies))
     q = m.q_proj(x) if m.q_lora_rank is None else m.q_b_proj(m.q_a_layernorm(m.q_a_proj(x)))
     q = q.view(b, s, m.n_heads, d_n + d_r)
     compressed = m.kv_a_proj_with_mqa(x)
@@ -79,6 +79,23 @@ def test_naive_and_absorbed_paths_agree_with_the_equations(config, batch, prompt
         t = prompt + decode_steps
         assert cache.latent_and_rope_key.shape == (batch, t, config["kv_lora_rank"] + config["qk_rope_head_dim"])
         assert cache.nbytes == batch * t * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * 4
+
+
+def test_a_custom_frequency_table_reaches_both_paths():
+    torch.manual_seed(0)
+    table = [1.0, 0.3, 0.0, 0.02]  # e.g. a converted key whose pairs came from different source frequencies
+    m = make_mla(dict(n_heads=2, kv_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=8, v_head_dim=4))
+    custom = MLA(16, 2, 12, 4, 8, 4, rope_frequencies=table)
+    custom.load_state_dict(m.state_dict())
+    x = torch.randn(2, 7, 16)
+    expected = reference_mla(custom, x)
+    assert not torch.allclose(expected, reference_mla(m, x))  # the table matters
+    for path in ("naive", "absorbed"):
+        cache = custom.new_cache()
+        out = torch.cat(
+            [custom(x[:, :4], cache, path=path)] + [custom(x[:, t : t + 1], cache, path=path) for t in range(4, 7)], 1
+        )
+        torch.testing.assert_close(out, expected, **FP32)
 
 
 def test_paths_can_be_mixed_on_one_cache():

@@ -131,3 +131,14 @@ def test_custom_inverse_frequencies_are_used():
 def test_bad_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_frequency_tables_are_checked():
+    from mla_ref.rope import frequency_table
+
+    assert frequency_table(None, 8) is None
+    assert frequency_table([1, 0.5, 0.25, 0], 8) == (1.0, 0.5, 0.25, 0.0)
+    with pytest.raises(ValueError, match=r"one frequency per rotary pair \(4\), got 3"):
+        frequency_table([1, 2, 3], 8)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        frequency_table([1, -1, 0, 0], 8)

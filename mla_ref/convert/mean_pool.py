@@ -37,6 +37,7 @@ def mean_pool_kv_heads(attention: GroupedQueryAttention, n_kv_heads: int) -> Gro
         attention.head_dim,
         rope_theta=attention.rope_theta,
         rope_layout=attention.rope_layout,
+        rope_frequencies=attention.rope_frequencies,
         qkv_bias=attention.k_proj.bias is not None,
         o_bias=attention.o_proj.bias is not None,
     ).to(device=attention.q_proj.weight.device, dtype=attention.q_proj.weight.dtype)
