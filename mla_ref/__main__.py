@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("mla_ref.demo", "main", "a headless tour: the GQA family, MLA and its cache savings"),
     "kv-cache": ("mla_ref.calculator", "main", "KV-cache bytes for a model preset or a config.json"),
+    "train-teacher": ("mla_ref.train", "train_teacher_command", "train a tiny byte-level teacher on the local corpus"),
+    "eval": ("mla_ref.train", "evaluate_command", "validation loss, perplexity and bits/byte of a checkpoint"),
 }
 
 
