@@ -95,6 +95,7 @@ def apply_rope(
     require_even("rotary dimension (x.shape[-1])", d)
     if d == 0:  # nothing to rotate (e.g. an MLA without a RoPE key)
         return x.clone()
+    require_choice("layout", layout, ROPE_LAYOUTS)
     if positions.ndim != 1 or positions.shape[0] != x.shape[-2]:
         raise ValueError(f"positions must have shape (t,) = ({x.shape[-2]},), got {tuple(positions.shape)}")
     freqs = inverse_frequencies(d, theta) if inv_freq is None else inv_freq.float()
@@ -109,13 +110,13 @@ def apply_rope(
         keep[pair_list] = True
         angles = angles * keep  # angle 0 = identity rotation for the position-free pairs
     cos, sin = angles.cos(), angles.sin()  # (t, d/2)
-    a_idx, b_idx = pair_indices(d, layout)
-    x32 = x.float()
-    xa, xb = x32[..., a_idx], x32[..., b_idx]  # (..., t, d/2) each
-    out = torch.empty_like(x32)
-    out[..., a_idx] = xa * cos - xb * sin
-    out[..., b_idx] = xa * sin + xb * cos
-    return out.to(x.dtype)
+    # View the last dimension as (a, b) coordinates of the d/2 pairs, without gathering:
+    # rotate-half stores [a_0 … a_{d/2-1}, b_0 … b_{d/2-1}], interleaved [a_0, b_0, a_1, b_1, …].
+    pair_axis = -2 if layout == "rotate_half" else -1
+    coordinates = x.float().unflatten(-1, (2, d // 2) if layout == "rotate_half" else (d // 2, 2))
+    xa, xb = coordinates.unbind(pair_axis)  # (..., t, d/2) each
+    rotated = torch.stack([xa * cos - xb * sin, xa * sin + xb * cos], dim=pair_axis)
+    return rotated.flatten(-2).to(x.dtype)
 
 
 def convert_layout(x: torch.Tensor, source: RopeLayout, target: RopeLayout) -> torch.Tensor:
