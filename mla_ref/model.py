@@ -27,7 +27,7 @@ from mla_ref.attention import GroupedQueryAttention
 from mla_ref.cache import KVCache, LatentCache
 from mla_ref.mla import ATTENTION_PATHS, MultiHeadLatentAttention
 from mla_ref.norm import RMSNorm
-from mla_ref.rope import ROPE_LAYOUTS
+from mla_ref.rope import ROPE_LAYOUTS, frequency_table
 
 ATTENTION_TYPES: tuple[str, ...] = ("mha", "gqa", "mqa", "mla")
 
@@ -48,6 +48,11 @@ class ModelConfig:
     rope_layout: str = "rotate_half"  # "rotate_half" (Llama) or "interleaved" (DeepSeek)
     norm_eps: float = 1e-6  # epsilon of every RMSNorm
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    attention_bias: bool = False  # biases on q/k/v (GQA family; Qwen2 has them)
+    # Per layer, a table of the rotary frequencies (head_dim/2 of them for the GQA family, qk_rope_head_dim/2
+    # for MLA) replacing θ^(-2j/d): scaled RoPE, or a converted layer whose key pairs keep their source
+    # frequencies. None: the default table in every layer.
+    rope_frequencies: list[list[float]] | None = None
     # MLA only (ignored by the GQA family):
     kv_lora_rank: int = 64  # d_c, the cached latent
     qk_nope_head_dim: int = 32  # d_N, position-free part of each query/key head
@@ -77,6 +82,14 @@ class ModelConfig:
             )
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_frequencies is not None:
+            if len(self.rope_frequencies) != self.n_layers:
+                raise ValueError(
+                    f"rope_frequencies must hold one table per layer ({self.n_layers}), got {len(self.rope_frequencies)}"
+                )
+            rotary_dim = self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+            for layer, table in enumerate(self.rope_frequencies):
+                frequency_table(table, rotary_dim, name=f"rope_frequencies[{layer}]")
 
     @property
     def kv_heads(self) -> int | None:
@@ -98,9 +111,10 @@ class ModelConfig:
         return cls(**data)
 
 
-def build_attention(config: ModelConfig) -> nn.Module:
-    """One attention module of the configured type."""
+def build_attention(config: ModelConfig, layer: int = 0) -> nn.Module:
+    """The attention module of the configured type for layer ``layer``."""
     c = config
+    frequencies = None if c.rope_frequencies is None else c.rope_frequencies[layer]
     if c.attention == "mla":
         return MultiHeadLatentAttention(
             c.d_model,
@@ -113,10 +127,18 @@ def build_attention(config: ModelConfig) -> nn.Module:
             latent_norm=c.latent_norm,
             rope_theta=c.rope_theta,
             rope_layout=c.rope_layout,
+            rope_frequencies=frequencies,
             norm_eps=c.norm_eps,
         )
     return GroupedQueryAttention(
-        c.d_model, c.n_heads, c.kv_heads, c.head_dim, rope_theta=c.rope_theta, rope_layout=c.rope_layout
+        c.d_model,
+        c.n_heads,
+        c.kv_heads,
+        c.head_dim,
+        rope_theta=c.rope_theta,
+        rope_layout=c.rope_layout,
+        rope_frequencies=frequencies,
+        qkv_bias=c.attention_bias,
     )
 
 
@@ -136,11 +158,11 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: attention then SwiGLU.  Shapes: (b, s, d) -> (b, s, d)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.is_mla = config.attention == "mla"
         self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.self_attn = build_attention(config)
+        self.self_attn = build_attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
@@ -158,7 +180,7 @@ class TinyLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -195,6 +217,17 @@ class TinyLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], path=path)  # (b, s, d)
         return self.lm_head(self.norm(x))  # (b, s, vocab)
+
+    @torch.no_grad()
+    def attention_inputs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden states entering each layer's attention (after its input RMSNorm): what a
+        conversion calibrates on.  tokens (b, s) -> one (b, s, d) tensor per layer."""
+        inputs = []
+        x = self.embed_tokens(tokens)  # (b, s, d)
+        for layer in self.layers:
+            inputs.append(layer.input_layernorm(x))
+            x = layer(x)  # (b, s, d)
+        return inputs
 
     def new_caches(self, capacity: int | None = None) -> list[KVCache | LatentCache]:
         """One empty cache per layer, from each attention module's ``new_cache()``."""

@@ -1,0 +1,78 @@
+"""Convert every attention layer of a tiny-lab model, keeping everything else as it is.
+
+``convert_model(model, convert_layer, calibration_tokens)`` calls ``convert_layer(attention, inputs)``
+for each layer — ``attention`` the source module, ``inputs`` (b, s, d_model) the hidden states that
+entered it on the calibration tokens (None without them) — and builds an MLA model from the results.
+Embeddings, norms, MLPs and the head are copied; the source model is not modified.  All layers must
+come out with the same MLA sizes (d_c, d_N, d_R, d_v); each keeps its own RoPE frequency table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mla_ref.convert.exact import gqa_to_mla_exact
+from mla_ref.mla import MultiHeadLatentAttention
+from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.rope import inverse_frequencies
+
+LayerConverter = Callable[[nn.Module, "torch.Tensor | None"], MultiHeadLatentAttention]
+
+
+def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention]) -> ModelConfig:
+    sizes = {(m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) for m in layers}
+    if len(sizes) != 1:
+        raise ValueError(f"every layer must convert to the same MLA sizes (d_c, d_N, d_R, d_v); got {sorted(sizes)}")
+    (d_c, d_n, d_r, d_v) = sizes.pop()
+    flags = {(m.q_lora_rank, m.latent_norm, m.rope_layout) for m in layers}
+    if len(flags) != 1:
+        raise ValueError(f"every layer must share q_lora_rank, latent_norm and rope_layout; got {sorted(flags)}")
+    q_lora_rank, latent_norm, rope_layout = flags.pop()
+    tables = [m.rope_frequencies for m in layers]
+    if all(t is None for t in tables):
+        rope_frequencies = None
+    else:  # a layer without its own table rotates with the default one
+        default = inverse_frequencies(d_r, source.rope_theta).tolist() if d_r else []
+        rope_frequencies = [list(t) if t is not None else default for t in tables]
+    return dataclasses.replace(
+        source,
+        attention="mla",
+        n_kv_heads=None,
+        kv_lora_rank=d_c,
+        qk_nope_head_dim=d_n,
+        qk_rope_head_dim=d_r,
+        v_head_dim=d_v,
+        q_lora_rank=q_lora_rank,
+        latent_norm=latent_norm,
+        rope_layout=rope_layout,
+        rope_frequencies=rope_frequencies,
+        attention_bias=False,
+    )
+
+
+@torch.no_grad()
+def convert_model(
+    model: TinyLM,
+    convert_layer: LayerConverter = lambda attention, _inputs: gqa_to_mla_exact(attention),
+    calibration_tokens: torch.Tensor | None = None,
+) -> TinyLM:
+    """A new MLA model whose attention layers are ``convert_layer``'s results (default: exact).
+
+    Shapes: calibration_tokens (b, s) int64, or None for conversions that need no activations.
+    """
+    if model.config.attention == "mla":
+        raise ValueError("the model's attention is already 'mla'; convert a model of the GQA family (mha/gqa/mqa)")
+    inputs = model.attention_inputs(calibration_tokens) if calibration_tokens is not None else None
+    converted = [
+        convert_layer(layer.self_attn, None if inputs is None else inputs[i]) for i, layer in enumerate(model.layers)
+    ]
+    target = TinyLM(_mla_config(model.config, converted)).to(model.lm_head.weight.device)
+    state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
+    for i, attention in enumerate(converted):
+        state.update({f"layers.{i}.self_attn.{k}": v for k, v in attention.state_dict().items()})
+    target.load_state_dict(state)
+    return target.to(model.lm_head.weight.dtype)
