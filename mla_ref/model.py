@@ -160,7 +160,6 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.is_mla = config.attention == "mla"
         self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.self_attn = build_attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
@@ -168,7 +167,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache=None, path: str = "naive") -> torch.Tensor:
         h = self.input_layernorm(x)  # (b, s, d)
-        h = self.self_attn(h, cache, path=path) if self.is_mla else self.self_attn(h, cache)  # (b, s, d)
+        if isinstance(self.self_attn, MultiHeadLatentAttention):  # decided per call: layers can be swapped
+            h = self.self_attn(h, cache, path=path)  # (b, s, d)
+        else:
+            h = self.self_attn(h, cache)  # (b, s, d)
         x = x + h  # (b, s, d)
         return x + self.mlp(self.post_attention_layernorm(x))  # (b, s, d)
 

@@ -4,10 +4,45 @@
 - ``gqa_to_mla_exact``: GQA → MLA at the same cache, outputs unchanged (TransMLA's identity).
 - ``MLAParts`` / ``assemble_mla``: the linear maps every GQA → MLA conversion produces, and the module
   built from them.
+- ``mha2mla_convert``: MHA2MLA without fine-tuning — partial RoPE (``select_rotary_pairs``,
+  ``partial_rope_parts``), then SVD low rank (``svd_low_rank_parts``); ``mha2mla_ranks`` sizes it for a cache.
+- ``transmla_convert``: TransMLA without training — RoRoPE / FreqFold (``rorope_basis``, ``rorope_parts``) gather
+  the keys' position information into d_R dims, then BKV-PCA (``bkv_pca_parts``) gives the latent.
 """
 
+from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric, transmla_convert, transmla_parts
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.mean_pool import mean_pool_kv_heads
+from mla_ref.convert.partial_rope import (
+    keep_top_pairs,
+    pair_norm_scores,
+    pair_rotation_scores,
+    partial_rope_parts,
+    select_rotary_pairs,
+)
 from mla_ref.convert.parts import MLAParts, assemble_mla
+from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts, select_rope_components
+from mla_ref.convert.svd_low_rank import mha2mla_convert, mha2mla_ranks, svd_low_rank_parts
 
-__all__ = ["MLAParts", "assemble_mla", "gqa_to_mla_exact", "mean_pool_kv_heads"]
+__all__ = [
+    "MLAParts",
+    "RotatedKeyBasis",
+    "assemble_mla",
+    "bkv_pca_parts",
+    "gqa_to_mla_exact",
+    "keep_top_pairs",
+    "latent_metric",
+    "mean_pool_kv_heads",
+    "mha2mla_convert",
+    "mha2mla_ranks",
+    "pair_norm_scores",
+    "pair_rotation_scores",
+    "partial_rope_parts",
+    "rorope_basis",
+    "rorope_parts",
+    "select_rope_components",
+    "select_rotary_pairs",
+    "svd_low_rank_parts",
+    "transmla_convert",
+    "transmla_parts",
+]
