@@ -320,7 +320,7 @@ def test_bad_arguments_are_refused_with_a_reason():
         transmla_convert(source, [[0.0] * D_MODEL], kv_lora_rank=8)
     with pytest.raises(ValueError, match="qkv_bias=True"):
         transmla_convert(GroupedQueryAttention(D_MODEL, 4, 2, qkv_bias=True), calibration, kv_lora_rank=8)
-    with pytest.raises(ValueError, match="source must be a GroupedQueryAttention"):
+    with pytest.raises(ValueError, match="source must be a mla_ref GroupedQueryAttention"):
         transmla_convert(torch.nn.Linear(D_MODEL, D_MODEL), calibration, kv_lora_rank=8)
     rotated = rorope_parts(source, calibration, rope_dim=4)
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most the latent's width .* = 28"):

@@ -33,14 +33,13 @@ from einops import rearrange
 
 from mla_ref._checks import require_choice, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.parts import MLAParts, assemble_mla
+from mla_ref.convert.parts import MLAParts, assemble_mla, check_source
 from mla_ref.convert.rorope import (
     FOLD_FREQUENCIES,
     ROPE_BUDGETS,
     calibration_tokens,
     check_freqfold,
     check_rope_dim,
-    check_source,
     default_rope_dim,
     rorope_parts,
 )

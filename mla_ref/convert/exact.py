@@ -24,17 +24,20 @@ import math
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.parts import MLAParts, assemble_mla, rotary_pairs, rotate_half_rows, source_frequencies
+from mla_ref.convert.parts import (
+    MLAParts,
+    assemble_mla,
+    check_source,
+    rotary_pairs,
+    rotate_half_rows,
+    source_frequencies,
+)
 from mla_ref.mla import MultiHeadLatentAttention
 
 
 def exact_parts(source: GroupedQueryAttention) -> MLAParts:
     """The maps of the exact conversion (see the module docstring).  All in fp32."""
-    if source.q_proj.bias is not None or source.o_proj.bias is not None:
-        raise ValueError(
-            "exact conversion of a module with biases is not supported (a key bias would need a bias on the "
-            f"shared RoPE key); got qkv_bias={source.q_proj.bias is not None}, o_bias={source.o_proj.bias is not None}"
-        )
+    check_source(source)
     n_h, n_kv, d_h, m = source.n_heads, source.n_kv_heads, source.head_dim, source.group_size
     half = d_h // 2
     d_model = source.d_model

@@ -53,26 +53,12 @@ from einops import rearrange
 
 from mla_ref._checks import require_choice, require_non_negative_int
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.parts import MLAParts, rotary_pairs, rotate_half_rows, source_frequencies
+from mla_ref.convert.parts import MLAParts, check_source, rotary_pairs, rotate_half_rows, source_frequencies
 from mla_ref.rope import pair_indices
 
 PARTIAL_ROPE_STRATEGIES: tuple[str, ...] = ("high", "low", "uniform", "2-norm", "rotation-2-norm")
 SCORED_STRATEGIES: tuple[str, ...] = ("2-norm", "rotation-2-norm")  # ranked on calibration inputs
 PAIR_ALLOCATIONS: tuple[str, ...] = ("per_head", "global")
-
-
-def check_source(source: GroupedQueryAttention) -> GroupedQueryAttention:
-    """Refuse what these conversions do not handle (anything but a bias-free ``GroupedQueryAttention``)."""
-    if not isinstance(source, GroupedQueryAttention):
-        raise ValueError(
-            f"source must be a mla_ref GroupedQueryAttention (MHA, GQA or MQA), got {type(source).__name__}"
-        )
-    if source.q_proj.bias is not None or source.o_proj.bias is not None:
-        raise ValueError(
-            "converting a module with biases is not supported (a key bias would need a bias on the shared RoPE key "
-            f"and the latent); got qkv_bias={source.q_proj.bias is not None}, o_bias={source.o_proj.bias is not None}"
-        )
-    return source
 
 
 def check_rope_pairs(source: GroupedQueryAttention, rope_pairs: int) -> int:

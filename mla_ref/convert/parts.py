@@ -56,6 +56,20 @@ class MLAParts:
         return self.latent_down.shape[0] + self.key_rope.shape[0]
 
 
+def check_source(source: GroupedQueryAttention) -> GroupedQueryAttention:
+    """Refuse what the GQA → MLA conversions do not handle: anything but a bias-free GQA-family module."""
+    if not isinstance(source, GroupedQueryAttention):
+        raise ValueError(
+            f"source must be a mla_ref GroupedQueryAttention (MHA, GQA or MQA), got {type(source).__name__}"
+        )
+    if source.q_proj.bias is not None or source.o_proj.bias is not None:
+        raise ValueError(
+            "converting a module with biases is not supported (a key bias would need a bias on the shared RoPE key "
+            f"and the latent); got qkv_bias={source.q_proj.bias is not None}, o_bias={source.o_proj.bias is not None}"
+        )
+    return source
+
+
 def rotary_pairs(weight: torch.Tensor, n_heads: int, head_dim: int, layout: str) -> torch.Tensor:
     """Read a projection's rows as (head, rotary pair j, coordinate a/b).
 

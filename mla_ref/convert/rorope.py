@@ -48,7 +48,7 @@ from einops import rearrange
 
 from mla_ref._checks import require_choice, require_even, require_non_negative_int
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.parts import MLAParts, rotary_pairs, rotate_half_rows, source_frequencies
+from mla_ref.convert.parts import MLAParts, check_source, rotary_pairs, rotate_half_rows, source_frequencies
 
 ROPE_BUDGETS: tuple[str, ...] = ("uniform", "energy", "rotation")
 FOLD_FREQUENCIES: tuple[str, ...] = ("mean", "first", "loading")
@@ -100,18 +100,6 @@ def calibration_tokens(calibration_inputs: torch.Tensor, d_model: int) -> torch.
     if not torch.isfinite(tokens).all():
         raise ValueError("calibration_inputs must be finite (found inf or nan)")
     return tokens
-
-
-def check_source(source: GroupedQueryAttention) -> GroupedQueryAttention:
-    """A GQA module without biases (a key bias would need a bias on the shared key)."""
-    if not isinstance(source, GroupedQueryAttention):
-        raise ValueError(f"source must be a GroupedQueryAttention (MHA, GQA or MQA), got {type(source).__name__}")
-    if source.q_proj.bias is not None or source.o_proj.bias is not None:
-        raise ValueError(
-            "conversion of a module with biases is not supported (a key bias would need a bias on the "
-            f"shared RoPE key); got qkv_bias={source.q_proj.bias is not None}, o_bias={source.o_proj.bias is not None}"
-        )
-    return source
 
 
 def check_freqfold(freqfold: int, head_dim: int) -> int:

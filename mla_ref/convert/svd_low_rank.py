@@ -39,11 +39,10 @@ from mla_ref.convert.partial_rope import (
     PARTIAL_ROPE_STRATEGIES,
     check_calibration_inputs,
     check_rope_pairs,
-    check_source,
     partial_rope_parts,
     select_rotary_pairs,
 )
-from mla_ref.convert.parts import MLAParts, assemble_mla
+from mla_ref.convert.parts import MLAParts, assemble_mla, check_source
 from mla_ref.mla import MultiHeadLatentAttention
 
 SVD_METHODS: tuple[str, ...] = ("joint", "split")
