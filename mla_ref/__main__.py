@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "kv-cache": ("mla_ref.calculator", "main", "KV-cache bytes for a model preset or a config.json"),
     "train-teacher": ("mla_ref.train", "train_teacher_command", "train a tiny byte-level teacher on the local corpus"),
     "eval": ("mla_ref.train", "evaluate_command", "validation loss, perplexity and bits/byte of a checkpoint"),
+    "convert": ("mla_ref.hf.cli", "convert_command", "convert a Llama/Qwen2/Mistral checkpoint to MLA (DeepSeek-V3)"),
+    "export": ("mla_ref.hf.cli", "export_command", "write a model in a Hugging Face layout (llama, deepseek-v3)"),
 }
 
 

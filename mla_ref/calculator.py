@@ -261,6 +261,14 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {str(path)!r} as a JSON config: {exc}") from exc
+    if isinstance(config, dict) and "model_type" not in config and "attention" in config:  # an mla_ref checkpoint
+        from mla_ref.model import ModelConfig
+
+        c = ModelConfig.from_dict({k: v for k, v in config.items() if k != "storage_dtype"})
+        if c.attention == "mla":
+            sizes = (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim)
+            return _mla(str(path), c.n_layers, c.d_model, c.n_heads, *sizes)
+        return _gqa(str(path), c.n_layers, c.d_model, c.n_heads, c.kv_heads, c.head_dim)
     return shape_from_config(config, str(path))
 
 

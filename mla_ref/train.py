@@ -423,22 +423,28 @@ def evaluate_command(argv: list[str] | None = None) -> int:
         prog="python -m mla_ref eval",
         description="Evaluate a checkpoint on the fixed validation slice of the local corpus.",
     )
-    parser.add_argument("checkpoint", help="a directory written by train-teacher or checkpoint.save")
-    parser.add_argument("--corpus", default=None, help="folder of text files (default: the Python standard library)")
+    parser.add_argument("checkpoint", help="an mla_ref, llama / qwen2 / mistral or deepseek-v3 checkpoint directory")
+    parser.add_argument(
+        "--corpus", "--data", default=None, help="folder of text files (default: the Python standard library)"
+    )
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
-    parser.add_argument("--eval-tokens", type=int, default=TrainConfig.eval_tokens)
+    parser.add_argument("--eval-tokens", "--tokens", type=int, default=TrainConfig.eval_tokens)
     parser.add_argument("--path", choices=ATTENTION_PATHS, default="naive", help="MLA execution path")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        model = checkpoint.load(args.checkpoint)
-        windows = validation_windows(load_corpus(args.corpus).val, args.seq_len, args.eval_tokens)
+        from mla_ref.hf import load_model, text_tokens  # any supported directory; imported on use
+
+        model = load_model(args.checkpoint)
+        tokens = text_tokens(args.checkpoint, load_corpus(args.corpus).val, model.config.vocab_size)
+        windows = validation_windows(tokens, args.seq_len, args.eval_tokens)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result = evaluate(model, windows, path=args.path)
+    unit = "token" if (Path(args.checkpoint) / "tokenizer.json").is_file() else "byte"
     print(
-        f"{args.checkpoint}: {result.tokens:,} validation bytes, loss {result.loss:.4f} nats/byte, "
-        f"perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte"
+        f"{args.checkpoint}: {result.tokens:,} validation {unit}s, loss {result.loss:.4f} nats/{unit}, "
+        f"perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/{unit}"
     )
     return 0
 

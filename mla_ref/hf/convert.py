@@ -1,0 +1,396 @@
+"""Convert a whole checkpoint directory to MLA, one layer at a time, and measure what it cost.
+
+    source (llama / qwen2 / mistral directory, or an mla_ref GQA-family checkpoint)
+      │  pass 1, per layer: read the layer's tensors, run it on calibration and evaluation tokens,
+      │          convert its attention (exact / TransMLA / MHA2MLA), keep only the result
+      ▼
+    exact-form MLA layers (no latent norm, each key pair turning with its source frequency)
+      │  pass 2, per layer: bring the layer into stock DeepSeek-V3 form (``mla_ref.hf.stock``) and run the
+      │          converted and the stock stream on the evaluation tokens
+      ▼
+    OUT: DeepSeek-V3 layout (default) or mla_ref's own format, CONVERSION.md, the source's tokenizer files
+
+Only one source layer is in memory at a time, beside the converted model: peak memory stays well under two
+copies of the model.  The hidden states of the source, the converted and the stock model are carried through
+the layers side by side, so the quality report (max logit error, KL to the source, perplexity) needs no
+second copy either.  OUT is written into a temporary folder beside it and renamed into place at the end.
+
+Biases (Qwen2's q/k/v): a layer with biases is converted as the bias-free layer on [x; 1] — each bias is the
+weight of a constant input — so every conversion method handles them; the biases come back as the MLA's
+``q_proj`` / ``kv_a_proj_with_mqa`` biases (exact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import TqdmExperimentalWarning, TqdmWarning
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", (TqdmWarning, TqdmExperimentalWarning))
+    from tqdm.auto import tqdm
+
+from mla_ref import checkpoint
+from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
+from mla_ref.data import load_corpus, validation_windows
+from mla_ref.hf.build import block_from_state, config_builds_mla_bias, tinylm_from_state
+from mla_ref.hf.deepseek import deepseek_config, deepseek_tensors
+from mla_ref.hf.files import (
+    TORCH_DTYPES,
+    copy_carried_files,
+    save_weights,
+    staged_directory,
+    text_tokens,
+    write_json,
+)
+from mla_ref.hf.layers import METHODS, convert_layer, method_sizes
+from mla_ref.hf.report import ConversionReport, Streams, describe_source
+from mla_ref.hf.sources import open_source
+from mla_ref.hf.stock import (
+    DEEPSEEK_NORM_EPS,
+    NORM_MODES,
+    anchor_constant,
+    fit_norm,
+    fit_rope_theta,
+    input_bound,
+    layer_table,
+    low_rank_query,
+    stock_mla,
+)
+from mla_ref.mla import MultiHeadLatentAttention
+from mla_ref.model import ModelConfig
+
+FORMATS: tuple[str, ...] = ("deepseek-v3", "mla-ref")
+RECORD_FILE = "CONVERSION.md"
+
+
+@dataclass
+class ConvertOptions:
+    """What ``convert_checkpoint`` does; the defaults are the command line's."""
+
+    method: str = "exact"
+    kv_lora_rank: int | None = None  # d_c (transmla / mha2mla); default: half the source's cache, less d_R
+    rope_dim: int | None = None  # d_R (transmla / mha2mla); default: the method's own
+    q_lora_rank: int | None = None  # low-rank query bottleneck, or None for a full q_proj
+    freqfold: int = 1  # TransMLA's FreqFold F
+    norm: str = "gain"  # how an RMS-normalised bottleneck reproduces the exact map: "gain" or "anchor"
+    format: str = "deepseek-v3"
+    dtype: str | None = None  # fp32 / bf16 / fp16; None: the source's storage dtype
+    calib_dir: str | None = None  # folder of text (None: the Python standard library)
+    calib_tokens: int = 4096
+    eval_tokens: int = 4096  # 0 skips the quality report
+    seq_len: int = 256
+
+    def __post_init__(self):
+        require_choice("method", self.method, METHODS)
+        require_choice("format", self.format, FORMATS)
+        require_choice("norm", self.norm, NORM_MODES)
+        if self.dtype is not None:
+            require_choice("dtype", self.dtype, tuple(TORCH_DTYPES))
+        for name in ("kv_lora_rank", "rope_dim", "q_lora_rank"):
+            if getattr(self, name) is not None:
+                (require_non_negative_int if name == "rope_dim" else require_positive_int)(name, getattr(self, name))
+        require_positive_int("freqfold", self.freqfold)
+        require_positive_int("calib_tokens", self.calib_tokens)
+        require_non_negative_int("eval_tokens", self.eval_tokens)
+        require_positive_int("seq_len", self.seq_len)
+        if self.method == "exact" and (self.kv_lora_rank is not None or self.rope_dim is not None):
+            raise ValueError(
+                "method 'exact' keeps the source's cache (d_c = d_R = n_kv·d_h); --kv-lora-rank and --rope-dim "
+                "need --method transmla or mha2mla"
+            )
+        if self.method != "transmla" and self.freqfold != 1:
+            raise ValueError(f"--freqfold is TransMLA's; got method {self.method!r}")
+
+
+# ---- the whole model ------------------------------------------------------------------------------------------
+def _token_windows(directory: Path, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """The first windows of ``data`` as token ids: (n, seq_len + 1) int64 (a tokenizer needs < 8 bytes a token)."""
+    tokens = text_tokens(directory, data[: 8 * (n_tokens + seq_len + 1)], vocab_size)
+    return validation_windows(tokens, seq_len, n_tokens)
+
+
+def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention], *, stock: bool) -> ModelConfig:
+    first = layers[0]
+    tables = None if stock else [layer_table(m).tolist() for m in layers]
+    return dataclasses.replace(
+        source,
+        attention="mla",
+        n_kv_heads=None,
+        kv_lora_rank=first.kv_lora_rank,
+        qk_nope_head_dim=first.qk_nope_head_dim,
+        qk_rope_head_dim=first.qk_rope_head_dim,
+        v_head_dim=first.v_head_dim,
+        q_lora_rank=first.q_lora_rank,
+        latent_norm=first.latent_norm,
+        rope_layout=first.rope_layout,
+        rope_theta=first.rope_theta,
+        rope_frequencies=tables,
+        attention_bias=first.o_proj.bias is not None,
+    )
+
+
+def _block_state(attention: torch.nn.Module, rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**{f"self_attn.{k}": v for k, v in attention.state_dict().items()}, **rest}
+
+
+def _rounded(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The module with its weights rounded to the storage dtype (computing stays fp32)."""
+    return module.to(dtype).float()
+
+
+def _check_output_options(options: ConvertOptions, source_config: ModelConfig) -> None:
+    """Refuse, before any work, what the chosen output format cannot hold."""
+    if options.format != "mla-ref":
+        return
+    if options.dtype == "fp16":
+        raise ValueError(f"--format mla-ref stores {', '.join(checkpoint.STORAGE_DTYPES)}; got dtype 'fp16'")
+    needs_bias = source_config.attention_bias or (options.q_lora_rank is not None and options.norm == "anchor")
+    probe = dataclasses.replace(
+        source_config, attention="mla", n_kv_heads=None, attention_bias=True, rope_frequencies=None
+    )
+    if needs_bias and not config_builds_mla_bias(probe):
+        raise ValueError(
+            "--format mla-ref cannot store MLA layers with biases (the source has q/k/v biases, or an anchored "
+            "low-rank query needs one) in this version of mla_ref.model; use --format deepseek-v3"
+        )
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the operating system.
+
+    glibc keeps freed blocks of up to tens of MB for reuse; over a model's layers those add up to several
+    layers' worth of transients on top of the converted model.  ``malloc_trim`` returns them (elsewhere: no-op).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the enclosed work on one torch thread.
+
+    Converting a layer means small dense algebra (eigen-decompositions of a few hundred rows), where the
+    thread pool that serves the large matmuls only adds contention: on a busy 2-core machine an fp64
+    ``eigh`` of 224 rows took ~1 s inside the pool's wake and ~3 ms on one thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Layers:
+    """What pass 1 keeps of every layer: the exact-form attention, the rest of the block, and the stock fits."""
+
+    attention: list  # exact-form MLA modules, at the output dtype
+    rest: list[dict[str, torch.Tensor]]  # norms and MLP of each block, at the output dtype
+    fits: list  # NormFit of each layer's latent (DeepSeek-V3 output only)
+    bounds: list[float]  # input_bound of each layer's input norm
+
+
+@torch.no_grad()
+def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibration: int, quiet: bool):
+    """Pass 1: run the source layer by layer on ``hidden`` (calibration windows first), converting each layer.
+
+    Returns the kept layers and the source's final hidden states.  Shapes: hidden (n, s, D), fp32.
+    """
+    kept = _Layers([], [], [], [])
+    for i in tqdm(range(source.config.n_layers), desc="convert", disable=quiet, leave=False):
+        block = source.block(i)
+        calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
+        bound = input_bound(block.input_layernorm.weight)
+        sizes = method_sizes(
+            options.method,
+            block.self_attn,
+            kv_lora_rank=options.kv_lora_rank,
+            rope_dim=options.rope_dim,
+            freqfold=options.freqfold,
+        )
+        with _one_thread():
+            module = convert_layer(block.self_attn, calibration_inputs, options.method, sizes)
+            if options.q_lora_rank is not None:
+                rank = options.q_lora_rank
+                module = low_rank_query(module, calibration_inputs, rank, mode=options.norm, bound=bound)
+            if options.format == "deepseek-v3":
+                d_c, down = module.kv_lora_rank, module.kv_a_proj_with_mqa
+                latent = down(calibration_inputs)[..., :d_c].flatten(0, 1)  # (T, d_c), before any norm
+                bias = None if down.bias is None else down.bias[:d_c]
+                kept.fits.append(fit_norm(latent, anchor=anchor_constant(down.weight[:d_c], bias, bound)))
+        hidden = block(hidden)
+        kept.bounds.append(bound)
+        kept.attention.append(module.to(dtype))
+        kept.rest.append(
+            {k: v.to(dtype).clone() for k, v in block.state_dict().items() if not k.startswith("self_attn.")}
+        )
+        del block, module, calibration_inputs
+        _release_freed_memory()
+    return kept, hidden
+
+
+@torch.no_grad()
+def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit, streams, quiet: bool) -> list:
+    """Pass 2: bring each layer into its written form and run the evaluation streams through it.
+
+    Returns the written attention modules (exact form for mla-ref, stock form for DeepSeek-V3), at ``dtype``;
+    ``kept.attention`` is emptied as it goes, so one copy of the model is held.
+    """
+    stock = options.format == "deepseek-v3"
+    exact_config = _mla_config(config, kept.attention, stock=False)
+    has_bias = exact_config.attention_bias
+    stock_bias = has_bias or options.norm == "anchor"
+    written = []
+    for i in tqdm(range(config.n_layers), desc="evaluate", disable=quiet, leave=False):
+        exact = kept.attention[i].float()
+        kept.attention[i] = None
+        rest = {k: v.float() for k, v in kept.rest[i].items()}
+        layer = exact
+        if stock:
+            layer = stock_mla(
+                exact, theta=rope_fit.theta, mode=options.norm, fit=kept.fits[i], bound=kept.bounds[i], bias=stock_bias
+            )
+            layer = _rounded(layer, dtype)  # evaluated as it will be stored
+        if streams is not None:
+            name = "converted (mla-ref form)"
+            block = block_from_state(exact_config, i, _block_state(exact, rest), mla_bias=has_bias)
+            streams.hidden[name] = block(streams.hidden[name])
+            if stock:
+                name = "as written (DeepSeek-V3)"
+                stock_config = _mla_config(config, [layer], stock=True)
+                state = _block_state(layer, rest)
+                block = block_from_state(stock_config, i, state, mla_bias=stock_bias, latent_norm_eps=DEEPSEEK_NORM_EPS)
+                streams.hidden[name] = block(streams.hidden[name])
+        written.append(layer.to(dtype))
+        del exact, rest, layer
+        _release_freed_memory()
+    return written
+
+
+def convert_checkpoint(
+    source_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = True,
+    command: str | None = None,
+) -> ConversionReport:
+    """Convert ``source_dir`` into ``output_dir`` (see the module docstring); returns the report it wrote.
+
+    ``source_dir`` is never modified; ``output_dir`` appears only when complete, and an existing one is
+    refused unless ``overwrite``.
+    """
+    start = time.perf_counter()
+    options = options or ConvertOptions()
+    source = open_source(source_dir)
+    config = source.config
+    output = Path(output_dir)
+    if output.exists() and not overwrite:
+        raise ValueError(f"output directory {str(output)!r} already exists; pass --overwrite to replace it")
+    _check_output_options(options, config)
+    dtype = TORCH_DTYPES[options.dtype] if options.dtype else source.storage_dtype()
+    dtype = dtype if dtype in TORCH_DTYPES.values() else torch.float32
+    stock = options.format == "deepseek-v3"
+
+    # calibration windows (train split) and evaluation windows (validation split), as token ids
+    corpus = load_corpus(options.calib_dir)
+    calibration = _token_windows(source.root, corpus.train, config.vocab_size, options.calib_tokens, options.seq_len)
+    calibration = calibration[:, :-1]  # (n_c, s): inputs only
+    streams = None
+    if options.eval_tokens:
+        windows = _token_windows(source.root, corpus.val, config.vocab_size, options.eval_tokens, options.seq_len)
+        streams = Streams(windows[:, :-1], windows[:, 1:])
+    inputs = calibration if streams is None else torch.cat([calibration, streams.inputs])
+
+    embed = source.stored("embed_tokens.weight")  # (vocab, D) as stored: the largest tensor, kept once
+    kept, hidden = _convert_layers(source, options, dtype, F.embedding(inputs, embed).float(), len(calibration), quiet)
+    final_norm = source.tensor("norm.weight")
+    head = embed if config.tie_embeddings else source.stored("lm_head.weight")
+    rope_fit = None
+    if stock:  # the one RoPE table of the DeepSeek-V3 config
+        hint = config.rope_theta ** (kept.attention[0].qk_rope_head_dim / config.head_dim)
+        rope_fit = fit_rope_theta([layer_table(m) for m in kept.attention], options.seq_len, hint=hint)
+    if streams is not None:
+        streams.hidden["source"] = hidden[len(calibration) :]
+        streams.hidden["converted (mla-ref form)"] = F.embedding(streams.inputs, embed).float()
+        if stock:
+            streams.hidden["as written (DeepSeek-V3)"] = streams.hidden["converted (mla-ref form)"].clone()
+    del hidden
+    written = _finish_layers(config, kept, options, dtype, rope_fit, streams, quiet)
+    quality = {} if streams is None else streams.quality(final_norm, head, config.norm_eps)
+    _release_freed_memory()
+
+    out_config = _mla_config(config, written, stock=stock)
+    state = {"embed_tokens.weight": embed.to(dtype), "norm.weight": final_norm.to(dtype)}
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = head.to(dtype)
+    for i, (attention, rest) in enumerate(zip(written, kept.rest, strict=True)):
+        state.update({f"layers.{i}.{k}": v for k, v in _block_state(attention, rest).items()})
+    bias = any(m.o_proj.bias is not None for m in written)
+    model = tinylm_from_state(out_config, state, mla_bias=bias)
+    source_elements = 2 * config.kv_heads * config.head_dim
+    output_elements = written[0].cache_elements_per_token()
+    fits = kept.fits
+    report = ConversionReport(
+        source=str(source_dir),
+        output=str(output_dir),
+        command=command or f"convert_checkpoint({str(source_dir)!r}, {str(output_dir)!r})",
+        options={**dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch.")},
+        source_description=describe_source(source),
+        mla_sizes={
+            "d_c": written[0].kv_lora_rank,
+            "d_R": written[0].qk_rope_head_dim,
+            "d_N": written[0].qk_nope_head_dim,
+            "d_v": written[0].v_head_dim,
+            "q_lora_rank": written[0].q_lora_rank,
+        },
+        cache={
+            "dtype": str(dtype).removeprefix("torch."),
+            "source_elements": source_elements,
+            "output_elements": output_elements,
+            "source_bytes": source_elements * config.n_layers * dtype.itemsize,
+            "output_bytes": output_elements * config.n_layers * dtype.itemsize,
+        },
+        rope=None if rope_fit is None else dataclasses.asdict(rope_fit),
+        norm_errors=None if not fits else {k: sum(f.errors[k] for f in fits) / len(fits) for k in fits[0].errors},
+        quality=quality,
+        evaluation=""
+        if streams is None
+        else f"{streams.targets.numel():,} tokens of the validation split of {corpus.root}, windows of {options.seq_len}",
+    )
+    with staged_directory(output, overwrite=overwrite) as staging:
+        if stock:
+            token_ids = {
+                k: source.hf_config[k]
+                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if k in source.hf_config
+            }
+            config_json = deepseek_config(
+                out_config, dtype=dtype, attention_bias=bias, max_positions=source.max_positions, token_ids=token_ids
+            )
+            write_json(staging / "config.json", config_json)
+            save_weights(deepseek_tensors(model, dtype), staging)
+        else:
+            saved = checkpoint.save(model, staging / "checkpoint", dtype=dtype)
+            for path in saved.iterdir():
+                path.rename(staging / path.name)
+            saved.rmdir()
+        copy_carried_files(source.root, staging)
+        report.seconds = time.perf_counter() - start
+        (staging / RECORD_FILE).write_text(report.markdown(), encoding="utf-8")
+    return report

@@ -1,0 +1,274 @@
+"""Checkpoint directories on disk: config.json, safetensors shards, tokenizer files, atomic writes.
+
+A Hugging Face checkpoint directory holds ``config.json`` and the weights as one ``model.safetensors`` or as
+shards listed in ``model.safetensors.index.json``.  ``WeightFiles`` reads one tensor at a time through
+safetensors' ``safe_open``, opening the file for each read (an open handle keeps the file mapped), so a
+conversion never holds more of the source than one layer.
+Pickle files (``pytorch_model.bin``, ``*.pt`` …) are never opened: a directory holding only those is refused.
+
+``staged_directory`` writes an output into a temporary folder beside its target and renames it into place
+only when complete, so an interrupted write leaves nothing at the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files a conversion carries from source to output byte for byte: the tokenizer and generation defaults.
+CARRIED_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """``directory/config.json`` as a dict; ValueError when the directory or the file is missing or not JSON."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint directory {str(root)!r} does not exist or is not a directory")
+    path = root / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"checkpoint directory {str(root)!r} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+class WeightFiles:
+    """The tensors of a checkpoint directory, read lazily by name from its safetensors file(s).
+
+    ``names`` lists every stored tensor; ``shape(name)`` reads only the header; ``get(name)`` returns one
+    tensor (in its stored dtype).  Refuses a directory without safetensors, naming any pickle files found.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.root = Path(directory)
+        self._headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}  # shard -> name -> (dtype, shape)
+        self._where = self._weight_map()  # tensor name -> file name
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.root / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{str(index)!r} is not a safetensors index (no 'weight_map'): {error}") from None
+            missing = sorted({f for f in weight_map.values() if not (self.root / f).is_file()})
+            if missing:
+                raise ValueError(f"{str(index)!r} lists shard files that are not in the directory: {missing}")
+            return dict(weight_map)
+        shards = sorted(p.name for p in self.root.glob("*.safetensors"))
+        if not shards:
+            pickles = sorted(p.name for p in self.root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise ValueError(
+                    f"{str(self.root)!r} holds only pickle checkpoints {pickles}; mla_ref reads safetensors only and "
+                    "never unpickles a file (convert the weights to safetensors first)"
+                )
+            raise ValueError(f"{str(self.root)!r} holds no *.safetensors weights")
+        where: dict[str, str] = {}
+        for shard in shards:
+            for name in self._header(shard):
+                if name in where:
+                    raise ValueError(f"tensor {name!r} is stored twice: in {where[name]!r} and {shard!r}")
+                where[name] = shard
+        return where
+
+    def _open(self, shard: str):
+        """A safetensors handle on one shard.  Handles are not kept: an open handle keeps the file mapped, and
+        every page read through it would stay in this process's resident memory."""
+        try:
+            return safe_open(str(self.root / shard), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{str(self.root / shard)!r} is not a readable safetensors file: {error}") from None
+
+    def _header(self, shard: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        if shard not in self._headers:
+            with self._open(shard) as handle:
+                self._headers[shard] = {
+                    name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+                    for name in handle.keys()
+                }
+        return self._headers[shard]
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def _entry(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if name not in self._where:
+            raise ValueError(f"{str(self.root)!r} has no tensor {name!r}")
+        header = self._header(self._where[name])
+        if name not in header:
+            raise ValueError(f"{INDEX_FILE} puts tensor {name!r} in {self._where[name]!r}, which does not hold it")
+        return header[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of one tensor, read from the header only."""
+        return SAFETENSORS_DTYPES.get(self._entry(name)[0], torch.float32)
+
+    def get(self, name: str) -> torch.Tensor:
+        self._entry(name)
+        with self._open(self._where[name]) as handle:
+            return handle.get_tensor(name)
+
+
+def check_tensors(weights: WeightFiles, expected: dict[str, tuple[int, ...]], ignored: tuple[str, ...] = ()) -> None:
+    """Refuse missing tensors, tensors the config does not describe, and shapes that disagree with it.
+
+    ``ignored``: name suffixes that may be present and are skipped (e.g. stale ``rotary_emb.inv_freq`` buffers).
+    """
+    present = {name for name in weights.names if not name.endswith(ignored)}
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected))
+    if missing:
+        raise ValueError(f"{str(weights.root)!r} is missing tensors the config needs: {missing[:8]}")
+    if extra:
+        raise ValueError(f"{str(weights.root)!r} has tensors the config does not describe: {extra[:8]}")
+    for name, shape in expected.items():
+        if weights.shape(name) != tuple(shape):
+            raise ValueError(
+                f"{str(weights.root)!r}: tensor {name!r} has shape {weights.shape(name)}, the config needs {tuple(shape)}"
+            )
+
+
+def carried_files(directory: str | os.PathLike) -> list[Path]:
+    """The tokenizer and generation files of ``directory`` that an export or conversion copies untouched."""
+    root = Path(directory)
+    return [root / name for name in CARRIED_FILES if (root / name).is_file()]
+
+
+def text_tokens(directory: str | os.PathLike, data: torch.Tensor | bytes, vocab_size: int) -> torch.Tensor:
+    """Token ids of ``data`` (bytes, or a uint8 tensor of them) for the model in ``directory``.
+
+    With a ``tokenizer.json`` the text (UTF-8) is tokenized by the ``tokenizers`` package, without special
+    tokens; otherwise every byte is one token, as the lab's byte-level teachers read text.  Returns (n,) int64.
+    """
+    raw = bytes(data.numpy().tobytes()) if isinstance(data, torch.Tensor) else bytes(data)
+    tokenizer_file = Path(directory) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(
+                f"{str(directory)!r} has a tokenizer.json; reading it needs the 'tokenizers' package "
+                "(pip install 'mla_ref[hf]')"
+            ) from None
+        ids = (
+            Tokenizer.from_file(str(tokenizer_file))
+            .encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False)
+            .ids
+        )
+        tokens = torch.tensor(ids, dtype=torch.long)
+    else:
+        if vocab_size < 256:
+            raise ValueError(
+                f"{str(directory)!r} has no tokenizer.json and a vocabulary of {vocab_size} tokens; byte-level text "
+                "needs at least 256"
+            )
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    if tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise ValueError(
+            f"the tokenizer of {str(directory)!r} produced id {int(tokens.max())} ≥ vocab_size {vocab_size}"
+        )
+    return tokens
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty folder beside ``target``; on success it replaces ``target``, on any error it is removed.
+
+    An existing ``target`` is refused unless ``overwrite`` (checked before anything is written).
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
+    if target.exists() and not overwrite:
+        raise ValueError(f"output directory {str(target)!r} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            target.rename(retired / target.name)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def save_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2**28) -> list[str]:
+    """Write ``tensors`` as ``model.safetensors``, or as shards with ``model.safetensors.index.json`` when they
+    exceed ``max_shard_bytes`` (safetensors copies what one file holds while writing it: sharding bounds that
+    copy).  Returns the file names written."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    groups, size = [[]], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map, names = {}, []
+    for index, group in enumerate(groups):
+        file_name = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({name: tensors[name] for name in group}, str(directory / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file_name))
+        names.append(file_name)
+    write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return [*names, INDEX_FILE]
+
+
+def copy_carried_files(source: str | os.PathLike, destination: Path) -> list[str]:
+    """Copy the tokenizer and generation files of ``source`` into ``destination``; return their names."""
+    copied = []
+    for path in carried_files(source):
+        shutil.copyfile(path, destination / path.name)
+        copied.append(path.name)
+    return copied

@@ -1,0 +1,143 @@
+"""One GQA-family layer to an exact-form MLA layer, by any of the conversion methods, biases included.
+
+``convert_layer`` calls the top-level function of ``mla_ref.convert`` for the method (``gqa_to_mla_exact``,
+``transmla_convert``, ``mha2mla_convert``); a method this version lacks is refused by name.  Those functions
+take bias-free layers.  A layer with q/k/v biases (Qwen2) is converted as the bias-free layer acting on
+[x; 1] — each bias is the weight of a constant input, W x + b = [W | b] [x; 1] — with calibration inputs
+extended by a column of ones, and the result's last input column becomes the MLA's biases again (exact):
+``q_proj`` for the query and ``kv_a_proj_with_mqa`` for the latent and the shared RoPE key.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mla_ref._checks import require_choice
+from mla_ref.attention import GroupedQueryAttention
+from mla_ref.mla import MultiHeadLatentAttention
+
+METHODS: tuple[str, ...] = ("exact", "transmla", "mha2mla")
+
+
+def augmented(attention: GroupedQueryAttention) -> GroupedQueryAttention:
+    """The layer acting on [x; 1] without biases: each q/k/v bias becomes the weight of the constant input.
+
+    W x + b = [W | b] [x; 1];  W_O gains a zero output row (dropped again by ``split_augmented``).
+    """
+    result = GroupedQueryAttention(
+        attention.d_model + 1,
+        attention.n_heads,
+        attention.n_kv_heads,
+        attention.head_dim,
+        rope_theta=attention.rope_theta,
+        rope_layout=attention.rope_layout,
+        rope_frequencies=attention.rope_frequencies,
+    )
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            source = getattr(attention, name)
+            getattr(result, name).weight.copy_(torch.cat([source.weight, source.bias[:, None]], dim=1))
+        result.o_proj.weight.copy_(torch.cat([attention.o_proj.weight, torch.zeros_like(attention.o_proj.weight[:1])]))
+    return result
+
+
+def split_augmented(module: MultiHeadLatentAttention, d_model: int) -> MultiHeadLatentAttention:
+    """An MLA on [x; 1] (from ``augmented``) as an MLA on x with biases: the last input column is the bias."""
+    result = MultiHeadLatentAttention(
+        d_model,
+        module.n_heads,
+        module.kv_lora_rank,
+        module.qk_nope_head_dim,
+        module.qk_rope_head_dim,
+        module.v_head_dim,
+        latent_norm=False,
+        bias=True,
+        rope_theta=module.rope_theta,
+        rope_layout=module.rope_layout,
+        rope_frequencies=module.rope_frequencies,
+    )
+    state = {}
+    for name in ("q_proj", "kv_a_proj_with_mqa"):
+        weight = getattr(module, name).weight
+        state[f"{name}.weight"], state[f"{name}.bias"] = weight[:, :d_model], weight[:, d_model]
+    state["kv_b_proj.weight"] = module.kv_b_proj.weight
+    state["o_proj.weight"] = module.o_proj.weight[:d_model]
+    state["o_proj.bias"] = torch.zeros(d_model)
+    result.load_state_dict(state)
+    return result
+
+
+def method_sizes(
+    method: str,
+    attention: GroupedQueryAttention,
+    *,
+    kv_lora_rank: int | None = None,
+    rope_dim: int | None = None,
+    freqfold: int = 1,
+) -> dict:
+    """The size arguments ``method`` is called with for ``attention``, the defaults filled in.
+
+    transmla: d_R = ``default_rope_dim(d_h)`` and d_c = n_kv·d_h − d_R (half the source's cache in all);
+    mha2mla: ``mha2mla_ranks`` at half the cache, or r = d_R / (2 n_kv) pairs per KV head; exact: none.
+    """
+    require_choice("method", method, METHODS)
+    n_kv, d_h = attention.n_kv_heads, attention.head_dim
+    if method == "transmla":
+        from mla_ref.convert.rorope import default_rope_dim
+
+        rope_dim = default_rope_dim(d_h) if rope_dim is None else rope_dim
+        kv_lora_rank = kv_lora_rank or n_kv * d_h - rope_dim
+        if kv_lora_rank < 1:
+            raise ValueError(
+                f"half the source's cache ({n_kv * d_h}) leaves no latent beside d_R = {rope_dim}: pass --kv-lora-rank"
+            )
+        return {"kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim, "freqfold": freqfold}
+    if method == "mha2mla":
+        from mla_ref.convert import mha2mla_ranks
+
+        if rope_dim is None:
+            rope_pairs, default_rank = mha2mla_ranks(attention, 0.5)
+        else:
+            if rope_dim % (2 * n_kv):
+                raise ValueError(
+                    f"rope_dim for mha2mla must be a multiple of 2·n_kv = {2 * n_kv} (r pairs per KV head), "
+                    f"got {rope_dim}"
+                )
+            rope_pairs = rope_dim // (2 * n_kv)
+            default_rank = n_kv * d_h - rope_dim
+        return {"rope_pairs": rope_pairs, "kv_lora_rank": kv_lora_rank or default_rank}
+    return {}
+
+
+def _method(name: str):
+    """The top-level conversion function of ``name`` (refused clearly if this version lacks it)."""
+    import mla_ref.convert as convert
+
+    function = {"exact": "gqa_to_mla_exact", "transmla": "transmla_convert", "mha2mla": "mha2mla_convert"}[name]
+    if not hasattr(convert, function):
+        raise ValueError(f"method {name!r} is not available in this version (mla_ref.convert has no {function})")
+    return getattr(convert, function)
+
+
+@torch.no_grad()
+def convert_layer(
+    attention: GroupedQueryAttention, calibration_inputs: torch.Tensor, method: str, sizes: dict
+) -> MultiHeadLatentAttention:
+    """One GQA-family layer as an exact-form MLA layer (fp32) by ``method`` with ``sizes`` (``method_sizes``).
+
+    Biases are handled on [x; 1].  Shapes: calibration_inputs (b, s, d_model), the hidden states entering the
+    layer's attention (exact ignores them).
+    """
+    source, inputs = attention, calibration_inputs.float()
+    has_bias = attention.q_proj.bias is not None
+    if has_bias:
+        source = augmented(attention)
+        inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)  # [x; 1]
+    function = _method(method)
+    if method == "exact":
+        result = function(source)
+    elif method == "transmla":
+        result = function(source, inputs, **sizes)
+    else:
+        result = function(source, calibration_inputs=inputs, **sizes)
+    return split_augmented(result, attention.d_model) if has_bias else result

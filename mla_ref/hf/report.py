@@ -1,0 +1,185 @@
+"""What a conversion cost: the logits of the converted models against the source's, and CONVERSION.md.
+
+``Streams`` carries the hidden states of several models on the same evaluation windows (the source's first);
+``Streams.quality`` applies the final norm and the head in chunks and compares: perplexity, the mean
+KL(p_source ‖ p_model) per token, and the largest logit difference.  ``ConversionReport`` gathers these with
+the sizes, the KV-cache saving and the DeepSeek-V3 fits, prints a summary and writes CONVERSION.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Quality:
+    """A model's logits against the source's on the evaluation tokens."""
+
+    perplexity: float
+    kl_to_source: float  # mean over tokens of KL(p_source ‖ p_model), nats
+    max_logit_error: float  # max |logit − source logit|
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert_checkpoint`` did and measured; ``markdown()`` is CONVERSION.md."""
+
+    source: str
+    output: str
+    command: str
+    options: dict
+    source_description: str
+    mla_sizes: dict
+    cache: dict  # elements per token per layer, bytes per token (all layers) at the output dtype
+    rope: dict | None = None  # the DeepSeek-V3 RoPE fit
+    norm_errors: dict | None = None  # mean over layers of each latent-norm choice's relative error
+    quality: dict = field(default_factory=dict)  # name -> Quality, "source" first
+    evaluation: str = ""
+    seconds: float = 0.0
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"KV cache per token: {self.cache['source_bytes']:,} B -> {self.cache['output_bytes']:,} B "
+            f"({self.cache['output_bytes'] / self.cache['source_bytes']:.1%} of the source) at {self.cache['dtype']}"
+        ]
+        if self.rope is not None:
+            state = (
+                "exact"
+                if self.rope["exact"]
+                else f"nearest; max relative frequency change {self.rope['max_relative_change']:.3g}"
+            )
+            lines.append(f"RoPE: θ' = {self.rope['theta']:.6g} ({state})")
+        if self.norm_errors is not None:
+            chosen = "anchor" if self.options["norm"] == "anchor" else "per-coordinate gains"
+            lines.append(f"latent norm ({self.options['norm']}): relative latent error {self.norm_errors[chosen]:.3g}")
+        for name, q in self.quality.items():
+            lines.append(
+                f"{name:<28} perplexity {q.perplexity:.4f}   KL to source {q.kl_to_source:.3g} nats   "
+                f"max |Δlogit| {q.max_logit_error:.3g}"
+            )
+        return lines
+
+    def markdown(self) -> str:
+        out = [
+            "# Conversion record",
+            "",
+            f"Converted `{self.source}` ({self.source_description}) to MLA with exactly this command:",
+            "",
+            "```",
+            self.command,
+            "```",
+            "",
+            f"- method `{self.options['method']}`; MLA sizes: "
+            + ", ".join(f"{k} {v}" for k, v in self.mla_sizes.items()),
+            f"- format `{self.options['format']}`, weights stored as {self.cache['dtype']}",
+            f"- KV cache per token per layer: {self.cache['source_elements']} elements in the source, "
+            f"{self.cache['output_elements']} here; over all layers {self.cache['source_bytes']:,} B -> "
+            f"{self.cache['output_bytes']:,} B ({self.cache['output_bytes'] / self.cache['source_bytes']:.1%})",
+        ]
+        if self.rope is not None:
+            out.append(
+                f"- DeepSeek-V3 RoPE: θ' = {self.rope['theta']:.8g}, "
+                + (
+                    "exact (every layer's sorted key frequencies are the standard table)"
+                    if self.rope["exact"]
+                    else f"the nearest standard table: max relative frequency change {self.rope['max_relative_change']:.3g}, "
+                    f"mean 1 − cos(Δ·δω) over gaps < {self.options['seq_len']}: {self.rope['phase_error']:.3g}"
+                )
+            )
+        if self.norm_errors is not None:
+            out.append(
+                f"- DeepSeek-V3 latent RMSNorm, mode `{self.options['norm']}`; relative latent error "
+                "E‖ĉ − c‖²/E‖c‖² on the calibration tokens (mean over layers) for each choice: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in self.norm_errors.items())
+            )
+        if self.quality:
+            out += [
+                "",
+                f"## Quality against the source ({self.evaluation})",
+                "",
+                "| model | perplexity | KL to source (nats/token) | max abs logit error |",
+                "|---|---:|---:|---:|",
+            ]
+            out += [
+                f"| {name} | {q.perplexity:.4f} | {q.kl_to_source:.4g} | {q.max_logit_error:.4g} |"
+                for name, q in self.quality.items()
+            ]
+        record = {
+            "source": self.source,
+            "command": self.command,
+            "options": self.options,
+            "mla_sizes": self.mla_sizes,
+            "cache": self.cache,
+            "rope": self.rope,
+            "norm_errors": self.norm_errors,
+            "quality": {k: dataclasses.asdict(v) for k, v in self.quality.items()},
+            "evaluation": self.evaluation,
+            "seconds": round(self.seconds, 1),
+        }
+        out += ["", "## Record", "", "```json", json.dumps(record, indent=2), "```", ""]
+        return "\n".join(out)
+
+
+class Streams:
+    """Hidden states of several models on the same evaluation windows, and their final comparison.
+
+    ``hidden`` maps a model's name to its final hidden states (n, s, D); the first entry is the reference.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
+        self.hidden: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def quality(self, norm_weight: torch.Tensor, head: torch.Tensor, eps: float) -> dict[str, Quality]:
+        """Perplexity, KL to the source and max logit error of every stream ("source" is the reference).
+
+        norm_weight (D,) and eps: the final RMSNorm; head (vocab, D) in any float dtype.  About 2²² logits are
+        made at a time, the head converted to fp32 one block of rows at a time: a large vocabulary costs no
+        more than a few such blocks of memory (16 MiB each).
+        """
+        vocab, d_model = head.shape
+        chunk, block = max(1, 2**22 // vocab), max(1, 2**22 // d_model)
+        targets = self.targets.flatten()
+        names = list(self.hidden)
+        flat = [h.flatten(0, 1) for h in self.hidden.values()]
+        totals = {name: [0.0, 0.0, 0.0] for name in names}  # nll, kl, max error
+        for start in range(0, targets.numel(), chunk):
+            rows = slice(start, start + chunk)
+            # the final RMSNorm, then logits = h W_headᵀ, block by block of the vocabulary
+            normed = [h[rows] * torch.rsqrt(h[rows].pow(2).mean(-1, keepdim=True) + eps) * norm_weight for h in flat]
+            logits = [torch.empty(h.shape[0], vocab) for h in normed]
+            for first in range(0, vocab, block):
+                weight = head[first : first + block].float()  # (block, D)
+                for out, h in zip(logits, normed, strict=True):
+                    out[:, first : first + block] = h @ weight.T
+            reference = logits[0]
+            reference_log_probs = reference.log_softmax(-1)
+            for name, current in zip(names, logits, strict=True):
+                log_probs = current.log_softmax(-1)
+                totals[name][0] += F.nll_loss(log_probs, targets[rows], reduction="sum").item()
+                # KL(p_source ‖ p) = Σ_v p_source (log p_source − log p)
+                kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1)
+                totals[name][1] += kl.sum().item()
+                totals[name][2] = max(totals[name][2], (current - reference).abs().max().item())
+        n = targets.numel()
+        return {
+            name: Quality(perplexity=math.exp(nll / n), kl_to_source=max(kl / n, 0.0), max_logit_error=err)
+            for name, (nll, kl, err) in totals.items()
+        }
+
+
+def describe_source(source) -> str:
+    """One line on a conversion source: its type, depth, width and attention."""
+    c = source.config
+    kind = source.hf_config.get("model_type", "mla_ref checkpoint")
+    return (
+        f"{kind}, {c.n_layers} layers, d_model {c.d_model}, {c.attention.upper()}: {c.n_heads} query heads over "
+        f"{c.kv_heads} KV heads of {c.head_dim}" + (", q/k/v biases" if c.attention_bias else "")
+    )

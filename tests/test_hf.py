@@ -1,0 +1,486 @@
+"""Real checkpoints in and out (mla_ref.hf): Llama / Qwen2 / Mistral in, stock DeepSeek-V3 out.
+
+Tiny random Hugging Face models are built in-process and saved with safetensors; nothing is downloaded.
+Tolerances: fp32 logits of the same weights computed by two implementations agree to ~1e-6 here (logits of
+size ~1–3, a few layers); rtol = atol = 1e-5 leaves room for a different summation order and nothing more.
+Tests that need transformers skip with a reason when it is missing; the reading and writing themselves do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from mla_ref import checkpoint
+from mla_ref.hf import (
+    ConvertOptions,
+    convert_checkpoint,
+    export_model,
+    fit_rope_theta,
+    llama3_frequencies,
+    load_llama,
+    load_model,
+    stock_mla,
+    text_tokens,
+)
+from mla_ref.hf.cli import convert_command, export_command
+from mla_ref.hf.stock import input_bound, standard_table
+from mla_ref.mla import MultiHeadLatentAttention
+from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.train import TEACHERS_DIR, evaluate_command
+
+try:
+    import transformers
+    from transformers.utils import logging as hf_logging
+except ImportError:  # the `hf` extra is optional
+    transformers = None
+
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers (the 'hf' extra) is not installed")
+FP32 = dict(rtol=1e-5, atol=1e-5)  # see the module docstring
+WORDS = "the latent cache of every layer holds one vector per token while queries absorb the key map".split()
+
+
+# ---- fixtures -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory) -> Path:
+    """A few deterministic text files: the calibration and evaluation corpus of every conversion here."""
+    folder = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    for i in range(6):
+        lines = (" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(120))
+        (folder / f"part{i}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _small_options(**kwargs) -> ConvertOptions:
+    return ConvertOptions(calib_tokens=512, eval_tokens=256, seq_len=64, **kwargs)
+
+
+def _perturbed(model):
+    """Move every parameter off its initial value (norms ≠ 1, biases ≠ 0) so each one is exercised."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "rope_theta": 500000.0,
+}
+FAMILIES = {
+    # llama3 RoPE scaling, head_dim ≠ hidden / heads, rms_norm_eps 1e-5
+    "llama-llama3": ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-5, rope_parameters=LLAMA3)),
+    # q/k/v biases, tied embeddings, 14 query heads over 2
+    "qwen2-14-over-2": ("qwen2", dict(hidden_size=112, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
+    # 9 query heads over 3, head_dim ≠ hidden / heads, no sliding window
+    "mistral-9-over-3": ("mistral", dict(hidden_size=96, num_attention_heads=9, num_key_value_heads=3, head_dim=16, sliding_window=None)),
+    # MHA, odd vocabulary
+    "llama-mha": ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, vocab_size=263)),
+}  # fmt: skip
+
+
+def _hf_classes(model_type: str):
+    return {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[model_type]
+
+
+def _save_hf(path: Path, model_type: str, seed: int = 0, **overrides):
+    """A tiny random model of ``model_type`` saved at ``path``; returns the transformers model."""
+    torch.manual_seed(seed)
+    config_class, model_class = _hf_classes(model_type)
+    kwargs = dict(vocab_size=300, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
+    model = _perturbed(model_class(config_class(**{**kwargs, **overrides})))
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """name -> (directory, transformers model) for every family above."""
+    if transformers is None:
+        pytest.skip("transformers (the 'hf' extra) is not installed")
+    root = tmp_path_factory.mktemp("hf")
+    return {name: (root / name, _save_hf(root / name, model_type, **kw)) for name, (model_type, kw) in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A bias-free GQA model in Llama layout, written by mla_ref itself (needs no transformers)."""
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    model = _perturbed(
+        TinyLM(
+            ModelConfig(
+                vocab_size=300,
+                d_model=64,
+                n_layers=2,
+                n_heads=4,
+                attention="gqa",
+                n_kv_heads=2,
+                head_dim=16,
+                mlp_hidden=96,
+            )
+        )
+    )
+    checkpoint.save(model, root / "ckpt")
+    export_model(root / "ckpt", root / "llama", "llama")
+    return root / "llama"
+
+
+def _tokens(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(tokens)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _load_quietly(directory: Path):
+    """AutoModelForCausalLM.from_pretrained, returning (model in fp32, loading info, transformers' log text).
+
+    transformers keeps a bf16 checkpoint in bf16; the comparisons run both sides in fp32 on the same weights.
+    """
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    return model.float().eval(), info, stream.getvalue()
+
+
+def _assert_clean_load(info: dict, log: str) -> None:
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert "MISSING" not in log and "UNEXPECTED" not in log and "MISMATCH" not in log, log
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ---- import -------------------------------------------------------------------------------------------------
+@needs_transformers
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_import_equals_transformers(hf_models, name):
+    directory, reference = hf_models[name]
+    ours = load_llama(directory)
+    tokens = _tokens(ours.config.vocab_size)
+    torch.testing.assert_close(_logits(ours, tokens), _logits(reference, tokens), **FP32)
+
+
+@needs_transformers
+def test_import_reads_sharded_checkpoints(tmp_path):
+    reference = _save_hf(tmp_path / "one", "qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    reference.save_pretrained(tmp_path / "shards", max_shard_size="40KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
+    tokens = _tokens(300)
+    torch.testing.assert_close(_logits(load_llama(tmp_path / "shards"), tokens), _logits(reference, tokens), **FP32)
+
+
+@needs_transformers
+@given(
+    theta=st.floats(100.0, 1e6),
+    half=st.integers(1, 32),
+    factor=st.floats(1.5, 32.0),
+    low=st.floats(0.5, 2.0),
+    gap=st.floats(0.5, 8.0),
+    context=st.integers(8, 8192),
+)
+def test_llama3_table_is_transformers_own(theta, half, factor, low, gap, context):
+    params = dict(rope_type="llama3", rope_theta=theta, factor=factor, low_freq_factor=low, high_freq_factor=low + gap)
+    params["original_max_position_embeddings"] = context
+    config = transformers.LlamaConfig(hidden_size=2 * half, num_attention_heads=1, rope_parameters=params)
+    expected, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](config)
+    ours = torch.tensor(llama3_frequencies(theta, 2 * half, params, context))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)  # the same fp32 operations: bit for bit
+
+
+# ---- export -----------------------------------------------------------------------------------------------
+@needs_transformers
+@pytest.mark.parametrize("layout", ["rotate_half", "interleaved"])
+def test_export_llama_loads_in_transformers(tmp_path, layout):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=6, attention="gqa", n_kv_heads=3, head_dim=12, mlp_hidden=64, tie_embeddings=True, rope_layout=layout, norm_eps=1e-5)  # fmt: skip
+    model = _perturbed(TinyLM(config))
+    checkpoint.save(model, tmp_path / "ckpt")
+    assert export_command([str(tmp_path / "ckpt"), str(tmp_path / "llama"), "--format", "llama"]) == 0
+    loaded, info, log = _load_quietly(tmp_path / "llama")
+    _assert_clean_load(info, log)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    tokens = _tokens(300)
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(model, tokens), **FP32)
+
+
+@needs_transformers
+def test_teacher_exported_as_llama_loads_in_transformers(tmp_path):
+    teacher = TEACHERS_DIR / "gqa"
+    assert export_command([str(teacher), str(tmp_path / "llama"), "--format", "llama"]) == 0
+    loaded, info, log = _load_quietly(tmp_path / "llama")
+    _assert_clean_load(info, log)
+    tokens = _tokens(256)
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(checkpoint.load(teacher), tokens), **FP32)
+
+
+# ---- convert ----------------------------------------------------------------------------------------------
+CONVERSIONS = {
+    "qwen2-exact-gain": ("qwen2-14-over-2", dict(method="exact")),
+    "llama3-transmla-anchor-qlora": ("llama-llama3", dict(method="transmla", norm="anchor", q_lora_rank=24)),
+    "mistral-mha2mla": ("mistral-9-over-3", dict(method="mha2mla", dtype="bf16")),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models, calib_dir, tmp_path_factory):
+    """name -> (source directory, output directory, report, source hashes before the conversion)."""
+    root = tmp_path_factory.mktemp("converted")
+    results = {}
+    for name, (family, options) in CONVERSIONS.items():
+        source = hf_models[family][0]
+        before = _hashes(source)
+        report = convert_checkpoint(source, root / name, _small_options(calib_dir=str(calib_dir), **options))
+        results[name] = (source, root / name, report, before)
+    return results
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", sorted(CONVERSIONS))
+def test_deepseek_output_loads_in_stock_transformers(converted, name):
+    _, output, _, _ = converted[name]
+    loaded, info, log = _load_quietly(output)
+    _assert_clean_load(info, log)
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    ours = load_model(output)
+    tokens = _tokens(ours.config.vocab_size)
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(ours, tokens), **FP32)
+
+
+@needs_transformers
+def test_deepseek_config_builds_no_moe(converted):
+    _, output, report, _ = converted["qwen2-exact-gain"]
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["first_k_dense_replace"] == config["num_hidden_layers"]
+    loaded, _, _ = _load_quietly(output)
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in loaded.model.layers)
+    assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == report.cache["output_elements"]
+
+
+@needs_transformers
+def test_conversion_leaves_source_unchanged_and_writes_record(converted):
+    for source, output, report, before in converted.values():
+        assert _hashes(source) == before
+        record = (output / "CONVERSION.md").read_text()
+        assert "## Quality against the source" in record and "as written (DeepSeek-V3)" in record
+        assert set(report.quality) == {"source", "converted (mla-ref form)", "as written (DeepSeek-V3)"}
+        assert all(math.isfinite(q.perplexity) for q in report.quality.values())
+
+
+@needs_transformers
+def test_exact_conversion_of_mqa_is_exact_in_stock_form(tmp_path, calib_dir):
+    """n_kv = 1: the shared key is the source's key (the standard table, θ' = θ); the anchor keeps the latent
+    norm and the query bias exact.  So stock DeepSeek-V3 reproduces the source itself."""
+    source = tmp_path / "mqa"
+    reference = _save_hf(source, "qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=1)
+    report = convert_checkpoint(source, tmp_path / "out", _small_options(calib_dir=str(calib_dir), norm="anchor"))
+    assert report.rope["exact"]
+    loaded, info, log = _load_quietly(tmp_path / "out")
+    _assert_clean_load(info, log)
+    tokens = _tokens(300)
+    # the anchor's per-token rms varies by < 2⁻²⁶, below fp32 rounding of these logits
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(reference, tokens), **FP32)
+
+
+def test_mla_ref_format_keeps_the_exact_form(llama_dir, calib_dir, tmp_path):
+    options = _small_options(calib_dir=str(calib_dir), format="mla-ref", dtype="fp32")
+    report = convert_checkpoint(llama_dir, tmp_path / "out", options)
+    converted_model = checkpoint.load(tmp_path / "out")
+    assert converted_model.config.attention == "mla" and not converted_model.config.latent_norm
+    tokens = _tokens(300)
+    torch.testing.assert_close(_logits(converted_model, tokens), _logits(load_llama(llama_dir), tokens), **FP32)
+    assert report.quality["converted (mla-ref form)"].max_logit_error < 1e-4  # the same check, on the report
+
+
+def test_mla_ref_checkpoint_is_a_source_too(llama_dir, calib_dir, tmp_path, capsys):
+    from mla_ref.calculator import main as kv_cache
+
+    source = llama_dir.parent / "ckpt"  # the mla_ref checkpoint the Llama directory was exported from
+    report = convert_checkpoint(source, tmp_path / "out", _small_options(calib_dir=str(calib_dir), format="mla-ref"))
+    assert report.quality["converted (mla-ref form)"].max_logit_error < 1e-4  # exact: fp32 rounding only
+    assert kv_cache([str(tmp_path / "out"), "--json"]) == 0  # the mla_ref format's config.json
+    shape = json.loads(capsys.readouterr().out)["variants"][0]
+    assert shape["elements_per_token_per_layer"] == 2 * 2 * 16  # exact: the source's 2 · n_kv · d_h
+
+
+def test_tokenizer_is_carried_and_used(llama_dir, calib_dir, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package (the 'hf' extra) is not installed")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in llama_dir.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([p.read_text() for p in sorted(calib_dir.iterdir())], trainer)
+    tokenizer.save(str(source / "tokenizer.json"))
+    (source / "generation_config.json").write_text('{"do_sample": false}\n')
+    text = (calib_dir / "part0.txt").read_bytes()
+    ids = text_tokens(source, text, 300)
+    assert ids.numel() < len(text) / 2  # merged tokens, not bytes
+    assert convert_command([str(source), str(tmp_path / "out"), "--calib-dir", str(calib_dir), "--calib-tokens", "256", "--eval-tokens", "128", "--seq-len", "32", "--quiet"]) == 0  # fmt: skip
+    for name in ("tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes()
+
+
+# ---- the pieces of the stock form -----------------------------------------------------------------------------------
+@given(theta=st.floats(2.0, 1e7), half=st.integers(2, 32))
+def test_rope_fit_recovers_a_standard_table(theta, half):
+    table = standard_table(theta, 2 * half)[torch.randperm(half)]  # in any order
+    fit = fit_rope_theta([table, table], context=256)
+    assert fit.exact and fit.phase_error == 0
+    torch.testing.assert_close(standard_table(fit.theta, 2 * half), standard_table(theta, 2 * half), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_anchored_stock_layer_equals_the_exact_form(bias):
+    """With a standard RoPE table, the anchor makes the stock layer (normalised latent, interleaved RoPE, query
+    bias through the anchored bottleneck) compute the exact-form layer's outputs to fp32 tolerance."""
+    torch.manual_seed(0)
+    exact = MultiHeadLatentAttention(32, 4, 24, 8, 8, 12, latent_norm=False, bias=bias, rope_layout="rotate_half")
+    _perturbed(exact)
+    norm_weight = 1 + 0.1 * torch.randn(32)
+    x = torch.randn(2, 20, 32)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt() * norm_weight  # what an input RMSNorm can output
+    stock = stock_mla(exact, theta=exact.rope_theta, mode="anchor", fit=None, bound=input_bound(norm_weight), bias=True)
+    assert stock.latent_norm and stock.rope_layout == "interleaved" and stock.kv_lora_rank == 25
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x), exact(x), **FP32)
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+def _copy(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(directory: Path, edit) -> None:
+    tensors = load_file(str(directory / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+REFUSALS = {
+    "unknown model_type": (lambda d: _edit_config(d, model_type="gpt2"), "unknown model_type 'gpt2'"),
+    "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("model.norm.weight")), "missing tensors"),
+    "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(2))), "does not describe"),
+    "shape": (lambda d: _edit_config(d, intermediate_size=80), "has shape"),
+    "qk-norm config": (lambda d: _edit_config(d, use_qk_norm=True), "QK-norm"),
+    "qk-norm tensor": (lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})), "QK-norm"),
+    "sliding window": (lambda d: _edit_config(d, model_type="mistral", sliding_window=16, max_position_embeddings=256), "sliding_window=16"),
+    "qwen2 sliding window": (lambda d: _edit_config(d, model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0, max_position_embeddings=256), "use_sliding_window"),
+    "rope scaling": (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "'yarn'"),
+    "activation": (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act 'gelu'"),
+    "o_proj bias": (lambda d: _edit_config(d, attention_bias=True), "o_proj"),
+    "no config": (lambda d: (d / "config.json").unlink(), "has no config.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusals_name_the_problem(llama_dir, tmp_path, capsys, case):
+    edit, message = REFUSALS[case]
+    broken = _copy(llama_dir, tmp_path / "src")
+    edit(broken)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_llama(broken) if case != "unknown model_type" else load_model(broken)
+    assert convert_command([str(broken), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_checkpoints_are_refused_without_unpickling(llama_dir, tmp_path):
+    broken = _copy(llama_dir, tmp_path / "src")
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"not a pickle: reading it would fail differently")
+    with pytest.raises(ValueError, match=r"only pickle checkpoints \['pytorch_model.bin'\].*never unpickles"):
+        load_llama(broken)
+
+
+def test_missing_directory_and_bad_options_are_refused(llama_dir, tmp_path, capsys):
+    assert convert_command([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert convert_command([str(llama_dir), str(tmp_path / "out"), "--kv-lora-rank", "8"]) == 2
+    assert "method 'exact' keeps the source's cache" in capsys.readouterr().err
+    assert convert_command([str(llama_dir), str(tmp_path / "out"), "--method", "svd"]) == 2
+    assert "invalid choice: 'svd'" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    assert convert_command([str(llama_dir), str(tmp_path / "out")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path, monkeypatch):
+    import mla_ref.hf.convert as pipeline
+
+    calls = []
+    real = pipeline.convert_layer
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "convert_layer", failing)
+    before = _hashes(llama_dir)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        convert_checkpoint(llama_dir, tmp_path / "out", _small_options(calib_dir=str(calib_dir)))
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a staging folder
+    assert _hashes(llama_dir) == before
+
+
+# ---- eval and kv-cache on the written directories ------------------------------------------------------------------
+def test_eval_and_kv_cache_read_every_layout(llama_dir, calib_dir, tmp_path, capsys):
+    from mla_ref.calculator import main as kv_cache
+
+    out = tmp_path / "ds"
+    assert convert_command([str(llama_dir), str(out), "--method", "transmla", "--calib-dir", str(calib_dir), "--calib-tokens", "256", "--eval-tokens", "0", "--seq-len", "32", "--quiet"]) == 0  # fmt: skip
+    for directory in (llama_dir, out):
+        assert evaluate_command([str(directory), "--data", str(calib_dir), "--tokens", "256", "--seq-len", "32"]) == 0
+        assert "perplexity" in capsys.readouterr().out
+    assert kv_cache([str(out), "--json"]) == 0
+    shape = json.loads(capsys.readouterr().out)["variants"][0]
+    assert shape["elements_per_token_per_layer"] == 32  # d_c + d_R: half the source's 2 · 2 · 16
