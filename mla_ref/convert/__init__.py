@@ -8,6 +8,8 @@
   ``partial_rope_parts``), then SVD low rank (``svd_low_rank_parts``); ``mha2mla_ranks`` sizes it for a cache.
 - ``transmla_convert``: TransMLA without training — RoRoPE / FreqFold (``rorope_basis``, ``rorope_parts``) gather
   the keys' position information into d_R dims, then BKV-PCA (``bkv_pca_parts``) gives the latent.
+- ``recover``: a short fine-tune of a converted model (LM loss or distillation from its source), with the tokens
+  it used as a fraction of the source's pre-training (``pretraining_tokens``, ``budget_steps``).
 """
 
 from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric, transmla_convert, transmla_parts
@@ -21,14 +23,24 @@ from mla_ref.convert.partial_rope import (
     select_rotary_pairs,
 )
 from mla_ref.convert.parts import MLAParts, assemble_mla
+from mla_ref.convert.recovery import (
+    RecoveryResult,
+    budget_steps,
+    pretraining_tokens,
+    recover,
+    recovery_config,
+    teacher_divergence,
+)
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts, select_rope_components
 from mla_ref.convert.svd_low_rank import mha2mla_convert, mha2mla_ranks, svd_low_rank_parts
 
 __all__ = [
     "MLAParts",
+    "RecoveryResult",
     "RotatedKeyBasis",
     "assemble_mla",
     "bkv_pca_parts",
+    "budget_steps",
     "gqa_to_mla_exact",
     "keep_top_pairs",
     "latent_metric",
@@ -38,11 +50,15 @@ __all__ = [
     "pair_norm_scores",
     "pair_rotation_scores",
     "partial_rope_parts",
+    "pretraining_tokens",
+    "recover",
+    "recovery_config",
     "rorope_basis",
     "rorope_parts",
     "select_rope_components",
     "select_rotary_pairs",
     "svd_low_rank_parts",
+    "teacher_divergence",
     "transmla_convert",
     "transmla_parts",
 ]

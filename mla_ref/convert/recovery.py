@@ -1,0 +1,227 @@
+"""Recovery: a short fine-tune that wins back what a conversion below the source's cache size lost.
+
+A converted model (``convert_model`` with TransMLA or MHA2MLA layers) starts close to its source but not on it.
+``recover`` trains it for a few steps with ``mla_ref.train.train`` — AdamW, linear warm-up then a cosine,
+gradient clipping, a seeded batch sampler, no progress bar when ``quiet`` — on either loss:
+
+    L = CE(student, next bytes)                                                  (no teacher)
+    L = (1 − α) · CE + α · τ² · KL(softmax(teacher / τ) ‖ softmax(student / τ))   (distillation from the source)
+
+and reports the validation loss before and after, and the budget it spent:
+
+    tokens   = steps · batch_size · seq_len                   (predicted bytes the optimiser saw)
+    fraction = tokens / tokens_seen of the teacher's pre-training (its TRAINING.md record)
+
+``trainable="attention"`` (the default) freezes everything the conversion did not touch (embeddings, norms, MLPs,
+head), so only the converted attention layers move.  Adam takes steps of about the learning rate whatever the
+gradient's size, so on a conversion that lost little, training everything mostly adds noise to weights that were
+already right (on the GQA teacher at 50% of the cache, a few steps on all parameters raised the perplexity); the
+attention layers are where the error is.  ``trainable="all"`` is MHA2MLA's choice.
+
+``teacher_divergence`` measures how far the student's next-byte distribution is from the teacher's,
+KL(teacher ‖ student) per predicted byte — what distillation pulls down.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mla_ref._checks import require_choice, require_positive_int
+from mla_ref.data import Corpus
+from mla_ref.model import TinyLM
+from mla_ref.train import Evaluation, TrainConfig, read_record, train
+
+TRAINABLE: tuple[str, ...] = ("all", "attention")
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """What a recovery fine-tune did: validation before and after, and the tokens it used."""
+
+    before: Evaluation  # the converted model as it came, on the fixed validation slice
+    after: Evaluation  # the same slice after the fine-tune
+    tokens: int  # predicted bytes seen by the optimiser: steps · batch_size · seq_len
+    pretraining_tokens: int | None  # the teacher's pre-training tokens (TRAINING.md tokens_seen), if known
+    wall_seconds: float
+    history: list[dict] = field(default_factory=list)  # train()'s evaluations: {"step", "lr", "train_loss", "val_loss"}
+
+    @property
+    def fraction_of_pretraining(self) -> float | None:
+        """tokens / pretraining_tokens, or None when the teacher's budget is unknown."""
+        return None if self.pretraining_tokens is None else self.tokens / self.pretraining_tokens
+
+
+def pretraining_tokens(checkpoint_dir: str | os.PathLike) -> int:
+    """The tokens a checkpoint saw in pre-training: ``tokens_seen`` of its TRAINING.md record."""
+    record = read_record(checkpoint_dir)
+    tokens = record.get("tokens_seen")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise ValueError(
+            f"the TRAINING.md record of {str(checkpoint_dir)!r} must hold a positive integer tokens_seen, "
+            f"got {tokens!r}"
+        )
+    return tokens
+
+
+def budget_steps(fraction: float, pretraining: int, *, batch_size: int, seq_len: int) -> int:
+    """The most optimiser steps whose tokens stay within ``fraction`` of ``pretraining`` tokens (at least 1).
+
+    steps = ⌊fraction · pretraining / (batch_size · seq_len)⌋; a budget smaller than one step raises ValueError.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    require_positive_int("pretraining", pretraining)
+    per_step = require_positive_int("batch_size", batch_size) * require_positive_int("seq_len", seq_len)
+    steps = math.floor(fraction * pretraining / per_step)
+    if steps < 1:
+        raise ValueError(
+            f"a budget of {fraction:.4%} of {pretraining:,} tokens is less than one step of "
+            f"batch_size · seq_len = {per_step:,} tokens; raise fraction or shrink the batch"
+        )
+    return steps
+
+
+def recovery_config(
+    steps: int,
+    *,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 5e-4,
+    warmup_steps: int | None = None,
+    seed: int = 0,
+    eval_tokens: int = 16384,
+    distill_alpha: float = 0.5,
+    distill_temperature: float = 2.0,
+) -> TrainConfig:
+    """A ``TrainConfig`` for a short fine-tune: evaluated only before and after, warm-up a tenth of the steps.
+
+    The peak learning rate is far below pre-training's (the weights start close to a good solution, and a large
+    step would first undo what the conversion kept).  distill_alpha / distill_temperature apply with a teacher.
+    """
+    require_positive_int("steps", steps)
+    warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup_steps=warmup,
+        seed=seed,
+        eval_every=0,
+        eval_tokens=eval_tokens,
+        distill_alpha=distill_alpha,
+        distill_temperature=distill_temperature,
+    )
+
+
+def _freeze_all_but_attention(model: TinyLM) -> list[tuple[torch.nn.Parameter, bool]]:
+    """Turn off gradients outside the attention layers; returns what to restore."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    attention = {id(p) for layer in model.layers for p in layer.self_attn.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in attention)
+    return saved
+
+
+def recover(
+    student: TinyLM,
+    corpus: Corpus,
+    config: TrainConfig,
+    *,
+    teacher: TinyLM | None = None,
+    pretraining_tokens: int | None = None,
+    max_fraction: float | None = None,
+    trainable: str = "attention",
+    quiet: bool = True,
+    log=None,
+) -> RecoveryResult:
+    """Fine-tune ``student`` in place (see the module docstring); return before/after validation and the budget.
+
+    Args:
+        student: the converted model; it is trained in place and left in eval mode.
+        corpus: training windows come from ``corpus.train``, the validation slice from ``corpus.val``.
+        config: the schedule, batch and seed (``recovery_config`` makes a short one); the same student,
+            corpus and config give the same weights.
+        teacher: distil from it (usually the unconverted source); None trains on next-byte cross entropy alone.
+            It is not modified.
+        pretraining_tokens: the teacher's pre-training tokens (``pretraining_tokens(checkpoint_dir)``), to report
+            the budget as a fraction of it.
+        max_fraction: refuse (ValueError) a config whose tokens exceed this fraction of ``pretraining_tokens``.
+        trainable: only the "attention" layers (everything else frozen), or "all" parameters.
+        quiet: no progress bar.  ``log`` is passed to ``train`` (one line per evaluation).
+    """
+    if not isinstance(student, TinyLM):
+        raise ValueError(f"student must be a TinyLM, got {type(student).__name__}")
+    if teacher is not None and not isinstance(teacher, TinyLM):
+        raise ValueError(f"teacher must be a TinyLM or None, got {type(teacher).__name__}")
+    if teacher is student:
+        raise ValueError("teacher must be a different model from the student (distilling a model into itself)")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig (see recovery_config), got {type(config).__name__}")
+    require_choice("trainable", trainable, TRAINABLE)
+    if pretraining_tokens is not None:
+        require_positive_int("pretraining_tokens", pretraining_tokens)
+    tokens = config.steps * config.batch_size * config.seq_len
+    if max_fraction is not None:
+        if pretraining_tokens is None:
+            raise ValueError("max_fraction needs pretraining_tokens (the teacher's pre-training budget)")
+        if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
+            raise ValueError(f"max_fraction must lie in (0, 1], got {max_fraction!r}")
+        if tokens > max_fraction * pretraining_tokens:
+            most = math.floor(max_fraction * pretraining_tokens / (config.batch_size * config.seq_len))
+            raise ValueError(
+                f"the fine-tune would use {tokens:,} tokens = {tokens / pretraining_tokens:.3%} of the teacher's "
+                f"{pretraining_tokens:,}, more than max_fraction = {max_fraction:.3%}; at batch_size · seq_len = "
+                f"{config.batch_size * config.seq_len:,} that allows at most {most} steps"
+            )
+    saved = _freeze_all_but_attention(student) if trainable == "attention" else []
+    try:
+        result = train(student, corpus, config, teacher=teacher, quiet=quiet, log=log)
+    finally:
+        for p, requires_grad in saved:
+            p.requires_grad_(requires_grad)
+    first = result.history[0]["val_loss"]  # train() evaluates once before the first step
+    before = Evaluation(
+        loss=first, perplexity=math.exp(first), bits_per_byte=first / math.log(2), tokens=result.final.tokens
+    )
+    return RecoveryResult(
+        before=before,
+        after=result.final,
+        tokens=result.tokens_seen,
+        pretraining_tokens=pretraining_tokens,
+        wall_seconds=result.wall_seconds,
+        history=result.history,
+    )
+
+
+@torch.no_grad()
+def teacher_divergence(
+    student: TinyLM, teacher: TinyLM, windows: torch.Tensor, *, batch_size: int = 32, temperature: float = 1.0
+) -> float:
+    """Mean KL(softmax(teacher / τ) ‖ softmax(student / τ)) per predicted byte over ``windows`` (n, s + 1), nats.
+
+    0 when the student predicts exactly as the teacher does.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must have shape (n, s + 1) with s ≥ 1, got {tuple(windows.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        inputs = chunk[:, :-1]  # (b, s)
+        student_log_probs = F.log_softmax(student(inputs).flatten(0, 1).float() / temperature, dim=-1)  # (b·s, v)
+        teacher_log_probs = F.log_softmax(teacher(inputs).flatten(0, 1).float() / temperature, dim=-1)  # (b·s, v)
+        # KL(p_t ‖ p_s) = Σ_v p_t (log p_t − log p_s), summed over tokens
+        total += F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum").item()
+        count += inputs.numel()
+    student.train(modes[0])
+    teacher.train(modes[1])
+    return total / count
