@@ -8,10 +8,12 @@ else with a ValueError that names the problem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +33,31 @@ def _tensors_to_save(model: TinyLM, dtype: torch.dtype) -> dict[str, torch.Tenso
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     return {name: t.detach().to(dtype).contiguous() for name, t in state.items()}
+
+
+@contextlib.contextmanager
+def written_in_place_of(target: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``target``; on success it replaces ``target``, on any error it is removed.
+
+    So a reader never sees a half-written directory, and an interrupted write leaves nothing behind.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            target.rename(retired / target.name)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def save(
@@ -55,27 +82,12 @@ def save(
     for name in extra_files or {}:
         if name in (CONFIG_FILE, WEIGHTS_FILE) or Path(name).name != name:
             raise ValueError(f"extra file name {name!r} must be a plain file name other than the checkpoint's own")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with written_in_place_of(target) as staging:
         config = {**model.config.to_dict(), "storage_dtype": str(dtype).removeprefix("torch.")}
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(_tensors_to_save(model, dtype), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

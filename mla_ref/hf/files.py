@@ -16,13 +16,14 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from mla_ref.checkpoint import written_in_place_of
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -216,23 +217,8 @@ def staged_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise ValueError(f"output path {str(target)!r} exists and is not a directory")
     if target.exists() and not overwrite:
         raise ValueError(f"output directory {str(target)!r} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with written_in_place_of(target) as staging:
         yield staging
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, data: dict) -> None:
