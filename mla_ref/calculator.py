@@ -15,7 +15,9 @@ states it), and MLA's figure counts d_R as well as d_c.
 
 ``python -m mla_ref kv-cache MODEL`` prints, for a preset or a Hugging Face ``config.json``,
 the model's own cache next to MLA caches of DeepSeek's size (512 + 64) and smaller, and, for a
-DeepSeek model, the MHA-equivalent cache it avoids.  The same figures are available from Python:
+DeepSeek model, the MHA-equivalent cache it avoids.  ``--compare SRC`` adds the saving against
+another model; a directory written by ``convert`` is compared with the source its CONVERSION.md
+names unless told otherwise.  The same figures are available from Python:
 
     >>> shape = load_model_shape("llama-2-7b")
     >>> report(shape, context=4096, batch=1, dtype="bf16")["variants"][0]["bytes_per_token"]
@@ -36,6 +38,7 @@ from torch import nn
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.mla import MultiHeadLatentAttention
+from mla_ref.records import read_record
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,6 +47,8 @@ MLA_LATENTS: tuple[tuple[int, int], ...] = ((512, 64), (256, 64), (128, 32))
 
 GQA_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 MLA_MODEL_TYPES: tuple[str, ...] = ("deepseek_v2", "deepseek_v3")
+
+CONVERSION_RECORD = "CONVERSION.md"  # what ``python -m mla_ref convert`` writes next to its output
 
 
 # ---- the formulas ----------------------------------------------------------------------------
@@ -317,12 +322,18 @@ def cache_variants(shape: ModelShape) -> list[CacheVariant]:
     return variants
 
 
-def report(shape: ModelShape, context: int, batch: int = 1, dtype: str = "bf16") -> dict:
+def report(
+    shape: ModelShape, context: int, batch: int = 1, dtype: str = "bf16", compare: ModelShape | None = None
+) -> dict:
     """Cache sizes of every variant of ``shape`` at ``context`` tokens and ``batch`` sequences.
 
     Returns {"model", "layers", "dtype", "bytes_per_element", "context", "batch", "variants":
     [{"name", "elements_per_token_per_layer", "bytes_per_token", "total_bytes"}]}, the model's
     own variant first.  bytes_per_token covers all layers; total_bytes = bytes_per_token · T · b.
+    With ``compare``, also "compare": that model's own cache at the same context, batch and dtype
+    ({"model", "name", "layers", "elements_per_token_per_layer", "bytes_per_token", "total_bytes"}),
+    and "saving": {"fraction" (this model's own bytes over compare's), "bytes_per_token",
+    "total_bytes" (what this model saves; negative when it needs more)}.
     """
     require_positive_int("context", context)
     require_positive_int("batch", batch)
@@ -340,7 +351,7 @@ def report(shape: ModelShape, context: int, batch: int = 1, dtype: str = "bf16")
                 "total_bytes": per_token * context * batch,
             }
         )
-    return {
+    result = {
         "model": shape.name,
         "layers": shape.layers,
         "dtype": dtype,
@@ -349,6 +360,25 @@ def report(shape: ModelShape, context: int, batch: int = 1, dtype: str = "bf16")
         "batch": batch,
         "variants": variants,
     }
+    if compare is not None:
+        # the other model's own cache, by the same formula: elements · L · bytes_per_element
+        elements = elements_per_token_per_layer(compare)
+        per_token = elements * compare.layers * element_bytes
+        result["compare"] = {
+            "model": compare.name,
+            "name": _own_variant_name(compare),
+            "layers": compare.layers,
+            "elements_per_token_per_layer": elements,
+            "bytes_per_token": per_token,
+            "total_bytes": per_token * context * batch,
+        }
+        own = variants[0]
+        result["saving"] = {
+            "fraction": own["bytes_per_token"] / per_token,
+            "bytes_per_token": per_token - own["bytes_per_token"],
+            "total_bytes": (per_token - own["bytes_per_token"]) * context * batch,
+        }
+    return result
 
 
 def format_bytes(n_bytes: int) -> str:
@@ -384,6 +414,17 @@ def format_table(result: dict) -> str:
     for row in (header, *rows):
         cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells).rstrip())
+    if "compare" in result:
+        other, saving = result["compare"], result["saving"]
+        verb = "saves" if saving["bytes_per_token"] >= 0 else "needs"
+        lines += [
+            "",
+            f"against {other['model']}: {other['name']}, {other['layers']} layers, "
+            f"{other['bytes_per_token']:,} bytes/token, {format_bytes(other['total_bytes'])} in all",
+            f"  this model's cache is {saving['fraction']:.1%} of it: {verb} {abs(saving['bytes_per_token']):,} "
+            f"bytes/token, {format_bytes(abs(saving['total_bytes']))} at this context and batch"
+            + ("" if verb == "saves" else " more"),
+        ]
     return "\n".join(lines)
 
 
@@ -407,19 +448,44 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", type=int, default=4096, help="cached tokens per sequence (default 4096)")
     parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="cache element type (default bf16)")
+    parser.add_argument(
+        "--compare",
+        metavar="SRC",
+        help="also show the saving against SRC (a preset, config.json or directory); default for a directory "
+        f"written by convert: the source its {CONVERSION_RECORD} names, when it is still there",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
+def recorded_source(model: str) -> str | None:
+    """The source named by ``model/CONVERSION.md`` (a directory written by ``convert``), if it is readable.
+
+    Returns None when ``model`` is no such directory, or when the recorded source has gone (the output
+    stays useful on its own; ``--compare`` names another).
+    """
+    path = Path(model) / CONVERSION_RECORD
+    if not path.is_file():
+        return None
+    source = read_record(path).get("source")
+    if not isinstance(source, str):
+        return None
+    source_path = Path(source)
+    return source if (source_path / "config.json").is_file() or source_path.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mla_ref kv-cache MODEL [--context N] [--batch B] [--dtype D] [--json]``.
+    """``python -m mla_ref kv-cache MODEL [--context N] [--batch B] [--dtype D] [--compare SRC] [--json]``.
 
     Returns 0, or 2 after printing one ``error: …`` line on stderr for bad input.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = _parser().parse_args(argv)
-        result = report(load_model_shape(args.model), args.context, args.batch, args.dtype)
+        shape = load_model_shape(args.model)
+        compare = args.compare or recorded_source(args.model)
+        other = None if compare is None else load_model_shape(compare)
+        result = report(shape, args.context, args.batch, args.dtype, compare=other)
     except (_UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -48,7 +48,9 @@ class ModelConfig:
     rope_layout: str = "rotate_half"  # "rotate_half" (Llama) or "interleaved" (DeepSeek)
     norm_eps: float = 1e-6  # epsilon of every RMSNorm
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    attention_bias: bool = False  # biases on q/k/v (GQA family; Qwen2 has them)
+    # biases on q/k/v (GQA family; Qwen2 has them), or on q_proj / q_a_proj, kv_a_proj_with_mqa and o_proj
+    # (MLA: DeepSeek-V3's attention_bias, and what a conversion of a biased source needs)
+    attention_bias: bool = False
     # Per layer, a table of the rotary frequencies (head_dim/2 of them for the GQA family, qk_rope_head_dim/2
     # for MLA) replacing θ^(-2j/d): scaled RoPE, or a converted layer whose key pairs keep their source
     # frequencies. None: the default table in every layer.
@@ -125,6 +127,7 @@ def build_attention(config: ModelConfig, layer: int = 0) -> nn.Module:
             c.v_head_dim,
             q_lora_rank=c.q_lora_rank,
             latent_norm=c.latent_norm,
+            bias=c.attention_bias,
             rope_theta=c.rope_theta,
             rope_layout=c.rope_layout,
             rope_frequencies=frequencies,

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import re
 import shlex
 import sys
 import time
@@ -37,11 +35,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", (TqdmWarning, TqdmExperimentalWarning))
     from tqdm.auto import tqdm
 
-from mla_ref import checkpoint
+from mla_ref import checkpoint, records
 from mla_ref._checks import require_non_negative_int, require_positive_int
 from mla_ref.data import Corpus, load_corpus, random_batch, validation_windows
 from mla_ref.mla import ATTENTION_PATHS
 from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.records import record_section
 
 RECORD_FILE = "TRAINING.md"
 TEACHERS_DIR = Path(__file__).resolve().parent / "teachers"  # the shipped teachers: mha/ and gqa/
@@ -344,19 +343,15 @@ def _record(
     for h in result.history:
         train_loss = "" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
         lines.append(f"| {h['step']} | {train_loss} | {h['val_loss']:.4f} |")
-    lines += ["", "## Record", "", "```json", json.dumps(facts, indent=2), "```", ""]
+    lines += record_section(facts)
     return "\n".join(lines)
 
 
 def read_record(directory: str | Path) -> dict:
     """The JSON facts block of ``directory/TRAINING.md``."""
-    path = Path(directory) / RECORD_FILE
-    if not path.is_file():
+    if not (Path(directory) / RECORD_FILE).is_file():
         raise ValueError(f"{str(directory)!r} has no {RECORD_FILE}")
-    match = re.search(r"## Record\s+```json\n(.*?)\n```", path.read_text(), flags=re.DOTALL)
-    if match is None:
-        raise ValueError(f"{str(path)!r} has no '## Record' JSON block")
-    return json.loads(match.group(1))
+    return records.read_record(Path(directory) / RECORD_FILE)
 
 
 def train_teacher_command(argv: list[str] | None = None) -> int:

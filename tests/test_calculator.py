@@ -224,6 +224,28 @@ def test_table_lists_every_variant_with_its_ratio(capsys):
     assert "[model]" in [line for line in lines if line.startswith(result["variants"][0]["name"])][0]
 
 
+def test_compare_reports_the_saving_against_another_model(capsys):
+    assert main(["deepseek-v3", "--compare", "llama-3-8b", "--context", "1000", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # deepseek-v3: 61 layers × (512 + 64) × 2 B; llama-3-8b: 32 layers × 2 · 8 · 128 × 2 B
+    own, other = 61 * 576 * 2, 32 * 2 * 8 * 128 * 2
+    assert result["compare"]["bytes_per_token"] == other and result["compare"]["layers"] == 32
+    assert result["saving"] == {
+        "fraction": own / other,
+        "bytes_per_token": other - own,
+        "total_bytes": (other - own) * 1000,
+    }
+    assert main(["llama-2-7b", "--compare", "llama-3-8b"]) == 0  # a bigger cache: the table says "needs … more"
+    out = capsys.readouterr().out
+    assert "against llama-3-8b: GQA (n_kv=8, d_h=128), 32 layers, 131,072 bytes/token" in out
+    assert "400.0% of it: needs 393,216 bytes/token, 1.50 GiB at this context and batch more" in out
+
+
+def test_compare_refuses_an_unknown_model(capsys):
+    assert main(["llama-2-7b", "--compare", "no-such-model"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown model 'no-such-model'")
+
+
 @pytest.mark.parametrize(
     "n_bytes, text",
     [(0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (36_864, "36.00 KiB"), (2 * 1024**3, "2.00 GiB")],

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,21 @@ def test_mla_ref_format_keeps_the_exact_form(llama_dir, calib_dir, tmp_path):
     assert report.quality["converted (mla-ref form)"].max_logit_error < 1e-4  # the same check, on the report
 
 
+@needs_transformers
+def test_mla_ref_format_holds_a_biased_source(tmp_path, calib_dir):
+    """Qwen2's q/k/v biases become MLA biases (q_proj, kv_a_proj_with_mqa, o_proj) that the mla_ref
+    checkpoint stores and loads back: the exact conversion still reproduces the source."""
+    source = tmp_path / "qwen2"
+    reference = _save_hf(source, "qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    options = _small_options(calib_dir=str(calib_dir), method="exact", format="mla-ref", dtype="fp32")
+    convert_checkpoint(source, tmp_path / "out", options)
+    converted_model = checkpoint.load(tmp_path / "out")
+    assert converted_model.config.attention_bias
+    assert all(layer.self_attn.o_proj.bias is not None for layer in converted_model.layers)
+    tokens = _tokens(300)
+    torch.testing.assert_close(_logits(converted_model, tokens), _logits(reference, tokens), **FP32)
+
+
 def test_mla_ref_checkpoint_is_a_source_too(llama_dir, calib_dir, tmp_path, capsys):
     from mla_ref.calculator import main as kv_cache
 
@@ -482,5 +498,16 @@ def test_eval_and_kv_cache_read_every_layout(llama_dir, calib_dir, tmp_path, cap
         assert evaluate_command([str(directory), "--data", str(calib_dir), "--tokens", "256", "--seq-len", "32"]) == 0
         assert "perplexity" in capsys.readouterr().out
     assert kv_cache([str(out), "--json"]) == 0
-    shape = json.loads(capsys.readouterr().out)["variants"][0]
-    assert shape["elements_per_token_per_layer"] == 32  # d_c + d_R: half the source's 2 · 2 · 16
+    result = json.loads(capsys.readouterr().out)
+    assert result["variants"][0]["elements_per_token_per_layer"] == 32  # d_c + d_R: half the source's 2 · 2 · 16
+    # CONVERSION.md names the source, so the saving against it is shown without being asked for
+    assert result["compare"]["model"] == str(llama_dir / "config.json")
+    assert result["compare"]["elements_per_token_per_layer"] == 2 * 2 * 16 and result["saving"]["fraction"] == 0.5
+    shutil.copytree(out, tmp_path / "moved")
+    (tmp_path / "moved" / "CONVERSION.md").write_text(
+        (out / "CONVERSION.md").read_text().replace(str(llama_dir), str(tmp_path / "gone"))
+    )
+    assert kv_cache([str(tmp_path / "moved"), "--json"]) == 0  # the recorded source has gone: no comparison
+    assert "compare" not in json.loads(capsys.readouterr().out)
+    assert kv_cache([str(tmp_path / "moved"), "--compare", str(llama_dir)]) == 0
+    assert "this model's cache is 50.0% of it" in capsys.readouterr().out

@@ -14,7 +14,6 @@ import sys
 import torch
 
 from mla_ref import checkpoint
-from mla_ref.hf.build import mla_has_bias
 from mla_ref.hf.convert import FORMATS, METHODS, ConvertOptions, convert_checkpoint
 from mla_ref.hf.deepseek import MLA_MODEL_TYPE, deepseek_config, deepseek_tensors, load_deepseek
 from mla_ref.hf.files import (
@@ -82,7 +81,7 @@ def export_model(
     if model_format == "deepseek-v3":
         tensors = deepseek_tensors(model, dtype)
         config = deepseek_config(
-            model.config, dtype=dtype, attention_bias=mla_has_bias(model), max_positions=max_positions
+            model.config, dtype=dtype, attention_bias=model.config.attention_bias, max_positions=max_positions
         )
     else:
         config = llama_config(model.config, model_format, dtype, max_positions)

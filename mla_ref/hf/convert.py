@@ -42,8 +42,9 @@ with warnings.catch_warnings():
 
 from mla_ref import checkpoint
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
+from mla_ref.calculator import CONVERSION_RECORD
 from mla_ref.data import load_corpus, validation_windows
-from mla_ref.hf.build import block_from_state, config_builds_mla_bias, tinylm_from_state
+from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config, deepseek_tensors
 from mla_ref.hf.files import (
     TORCH_DTYPES,
@@ -71,7 +72,7 @@ from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig
 
 FORMATS: tuple[str, ...] = ("deepseek-v3", "mla-ref")
-RECORD_FILE = "CONVERSION.md"
+RECORD_FILE = CONVERSION_RECORD
 
 
 @dataclass
@@ -155,15 +156,6 @@ def _check_output_options(options: ConvertOptions, source_config: ModelConfig) -
         return
     if options.dtype == "fp16":
         raise ValueError(f"--format mla-ref stores {', '.join(checkpoint.STORAGE_DTYPES)}; got dtype 'fp16'")
-    needs_bias = source_config.attention_bias or (options.q_lora_rank is not None and options.norm == "anchor")
-    probe = dataclasses.replace(
-        source_config, attention="mla", n_kv_heads=None, attention_bias=True, rope_frequencies=None
-    )
-    if needs_bias and not config_builds_mla_bias(probe):
-        raise ValueError(
-            "--format mla-ref cannot store MLA layers with biases (the source has q/k/v biases, or an anchored "
-            "low-rank query needs one) in this version of mla_ref.model; use --format deepseek-v3"
-        )
 
 
 def _release_freed_memory() -> None:
@@ -252,8 +244,7 @@ def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit,
     """
     stock = options.format == "deepseek-v3"
     exact_config = _mla_config(config, kept.attention, stock=False)
-    has_bias = exact_config.attention_bias
-    stock_bias = has_bias or options.norm == "anchor"
+    stock_bias = exact_config.attention_bias or options.norm == "anchor"
     written = []
     for i in tqdm(range(config.n_layers), desc="evaluate", disable=quiet, leave=False):
         exact = kept.attention[i].float()
@@ -267,13 +258,13 @@ def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit,
             layer = _rounded(layer, dtype)  # evaluated as it will be stored
         if streams is not None:
             name = "converted (mla-ref form)"
-            block = block_from_state(exact_config, i, _block_state(exact, rest), mla_bias=has_bias)
+            block = block_from_state(exact_config, i, _block_state(exact, rest))
             streams.hidden[name] = block(streams.hidden[name])
             if stock:
                 name = "as written (DeepSeek-V3)"
                 stock_config = _mla_config(config, [layer], stock=True)
                 state = _block_state(layer, rest)
-                block = block_from_state(stock_config, i, state, mla_bias=stock_bias, latent_norm_eps=DEEPSEEK_NORM_EPS)
+                block = block_from_state(stock_config, i, state, latent_norm_eps=DEEPSEEK_NORM_EPS)
                 streams.hidden[name] = block(streams.hidden[name])
         written.append(layer.to(dtype))
         del exact, rest, layer
@@ -341,8 +332,7 @@ def convert_checkpoint(
         state["lm_head.weight"] = head.to(dtype)
     for i, (attention, rest) in enumerate(zip(written, kept.rest, strict=True)):
         state.update({f"layers.{i}.{k}": v for k, v in _block_state(attention, rest).items()})
-    bias = any(m.o_proj.bias is not None for m in written)
-    model = tinylm_from_state(out_config, state, mla_bias=bias)
+    model = tinylm_from_state(out_config, state)
     source_elements = 2 * config.kv_heads * config.head_dim
     output_elements = written[0].cache_elements_per_token()
     fits = kept.fits
@@ -381,7 +371,11 @@ def convert_checkpoint(
                 if k in source.hf_config
             }
             config_json = deepseek_config(
-                out_config, dtype=dtype, attention_bias=bias, max_positions=source.max_positions, token_ids=token_ids
+                out_config,
+                dtype=dtype,
+                attention_bias=out_config.attention_bias,
+                max_positions=source.max_positions,
+                token_ids=token_ids,
             )
             write_json(staging / "config.json", config_json)
             save_weights(deepseek_tensors(model, dtype), staging)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mla_ref.hf.build import mla_module, tinylm_from_state, unallocated
+from mla_ref.hf.build import tinylm_from_state, unallocated
 from mla_ref.hf.files import DTYPE_NAMES, WeightFiles, check_tensors, read_config
 from mla_ref.hf.llama import hf_name
 from mla_ref.hf.stock import DEEPSEEK_NORM_EPS
@@ -160,17 +160,13 @@ def load_deepseek(directory: str | os.PathLike) -> TinyLM:
         for i in range(config.n_layers):  # stock has no q_proj bias: mla_ref's biased module holds a zero one
             q_rows = config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
             state[f"layers.{i}.self_attn.q_proj.bias"] = torch.zeros(q_rows)
-    return tinylm_from_state(config, state, mla_bias=config.attention_bias, latent_norm_eps=DEEPSEEK_NORM_EPS)
+    return tinylm_from_state(config, state, latent_norm_eps=DEEPSEEK_NORM_EPS)
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape of every tensor a dense DeepSeek-V3 checkpoint of ``config`` holds."""
     with unallocated():
-        model = TinyLM(config)
-        if config.attention_bias:
-            for i, layer in enumerate(model.layers):
-                layer.self_attn = mla_module(config, i, bias=True)
-        state = model.state_dict()
+        state = TinyLM(config).state_dict()
     if config.tie_embeddings:
         state.pop("lm_head.weight")
     return {hf_name(name): tuple(t.shape) for name, t in state.items() if not name.endswith("self_attn.q_proj.bias")}

@@ -9,12 +9,13 @@ the sizes, the KV-cache saving and the DeepSeek-V3 fits, prints a summary and wr
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from mla_ref.records import record_section
 
 
 @dataclass
@@ -122,7 +123,7 @@ class ConversionReport:
             "evaluation": self.evaluation,
             "seconds": round(self.seconds, 1),
         }
-        out += ["", "## Record", "", "```json", json.dumps(record, indent=2), "```", ""]
+        out += record_section(record)
         return "\n".join(out)
 
 
