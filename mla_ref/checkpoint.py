@@ -18,21 +18,22 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.tensor_files import write_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _tensors_to_save(model: TinyLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with a tied head stored once (under embed_tokens), contiguous, at ``dtype``."""
+def _tensors_to_save(model: TinyLM) -> dict[str, torch.Tensor]:
+    """The state dict with a tied head stored once (under embed_tokens)."""
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
-    return {name: t.detach().to(dtype).contiguous() for name, t in state.items()}
+    return state
 
 
 @contextlib.contextmanager
@@ -85,7 +86,7 @@ def save(
     with written_in_place_of(target) as staging:
         config = {**model.config.to_dict(), "storage_dtype": str(dtype).removeprefix("torch.")}
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_tensors_to_save(model, dtype), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_safetensors(staging / WEIGHTS_FILE, _tensors_to_save(model), dtype=dtype, metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return target
@@ -121,7 +122,7 @@ def load(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Ti
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{str(weights_path)!r} is not a readable safetensors file: {error}") from None
     model = TinyLM(config)
-    expected = {name: t.shape for name, t in _tensors_to_save(model, torch.float32).items()}
+    expected = {name: t.shape for name, t in _tensors_to_save(model).items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mla_ref.checkpoint import written_in_place_of
+from mla_ref.tensor_files import write_safetensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -225,13 +225,13 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def save_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2**28) -> list[str]:
+def save_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2**31) -> list[str]:
     """Write ``tensors`` as ``model.safetensors``, or as shards with ``model.safetensors.index.json`` when they
-    exceed ``max_shard_bytes`` (safetensors copies what one file holds while writing it: sharding bounds that
-    copy).  Returns the file names written."""
+    exceed ``max_shard_bytes`` (files stay a size that tools copy and upload comfortably; memory does not
+    depend on it, since each tensor is streamed to disk on its own).  Returns the file names written."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= max_shard_bytes:
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
         return ["model.safetensors"]
     groups, size = [[]], 0
     for name, tensor in tensors.items():
@@ -244,7 +244,7 @@ def save_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_by
     weight_map, names = {}, []
     for index, group in enumerate(groups):
         file_name = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({name: tensors[name] for name in group}, str(directory / file_name), metadata={"format": "pt"})
+        write_safetensors(directory / file_name, {name: tensors[name] for name in group}, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, file_name))
         names.append(file_name)
     write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
