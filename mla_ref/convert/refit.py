@@ -1,0 +1,67 @@
+"""Output refit: after a lossy conversion, re-solve o_proj so the layer's output matches its source's.
+
+A conversion below the source's cache loses something in the scores (dropped rotary dimensions) and in the
+values (a small latent).  Whatever each head now attends to, the module's output is still linear in the heads'
+outputs z = [softmax(s_1) V_1 ; … ; softmax(s_h) V_h] ∈ R^{h·d_v}:
+
+    y = W_O z                                   (o_proj; its bias, if any, is kept)
+
+so the W_O that brings y closest to the source layer's output y_src on the calibration inputs is a least-squares
+fit, solved in closed form.  ZᵀZ is singular as a rule — each head's values come from the d_c-dimensional latent, so
+Z has rank at most h·min(d_v, d_c) — hence the ridge, which keeps the directions Z never spans at zero:
+
+    W_O = Y_srcᵀ Z (ZᵀZ + λ I)⁻¹,   λ = ridge · mean(diag(ZᵀZ))
+
+Z (T, h·d_v) and Y_src (T, d_model) stack the T calibration tokens.  This is this project's addition, not a
+step of TransMLA or MHA2MLA.  Where the conversion is lossless, the fit reproduces the source's output up to the
+ridge's small bias; where it is not, it lowers the calibration error (by the ridge's margin, it can only lower it).  It keeps the cache and
+the module's form (DeepSeek-V3's o_proj), and the absorbed decode path folds the new W_O as it did the old.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mla_ref.mla import MultiHeadLatentAttention
+
+
+@torch.no_grad()
+def refit_output_proj(
+    converted: MultiHeadLatentAttention,
+    source: nn.Module,
+    calibration_inputs: torch.Tensor,
+    *,
+    ridge: float = 1e-4,
+) -> MultiHeadLatentAttention:
+    """Return a copy of ``converted`` whose o_proj weight best reproduces ``source``'s output (least squares).
+
+    Shapes: calibration_inputs (b, s, d_model), what both modules read.  Neither module is modified.
+    """
+    if not isinstance(converted, MultiHeadLatentAttention):
+        raise ValueError(f"converted must be a MultiHeadLatentAttention, got {type(converted).__name__}")
+    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge > 0:
+        raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+    if calibration_inputs.ndim != 3 or calibration_inputs.shape[-1] != converted.d_model:
+        raise ValueError(
+            f"calibration_inputs must have shape (b, s, {converted.d_model}), got {tuple(calibration_inputs.shape)}"
+        )
+    refit = copy.deepcopy(converted)
+    target = source(calibration_inputs).flatten(0, 1).double()  # (T, d_model): y_src
+    heads = {}
+    hook = refit.o_proj.register_forward_pre_hook(lambda _module, args: heads.__setitem__("z", args[0]))
+    try:
+        refit(calibration_inputs)
+    finally:
+        hook.remove()
+    z = heads["z"].flatten(0, 1).double()  # (T, h·d_v): the heads' outputs, o_proj's input
+    if refit.o_proj.bias is not None:
+        target = target - refit.o_proj.bias.double()  # the bias stays; W_O fits what is left
+    gram = z.T @ z  # (h·d_v, h·d_v)
+    lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)  # λ, scaled to Z
+    # W_Oᵀ = (ZᵀZ + λ I)⁻¹ Zᵀ Y_src
+    weight_t = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), z.T @ target)
+    refit.o_proj.weight.copy_(weight_t.T.to(refit.o_proj.weight.dtype))
+    return refit
