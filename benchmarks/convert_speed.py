@@ -69,10 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def write_source(directory: Path, shards: int, seed: int = 0) -> int:
     """A random Qwen2.5-0.5B-shaped model as a qwen2 directory in bf16 shards; returns the bytes of its weights."""
     import torch
-    from safetensors.torch import save_file
 
     from mla_ref.hf.llama import expected_shapes, llama_config
     from mla_ref.model import ModelConfig
+    from mla_ref.tensor_files import write_safetensors
 
     config = ModelConfig(**QWEN25_05B)
     generator = torch.Generator().manual_seed(seed)
@@ -87,7 +87,7 @@ def write_source(directory: Path, shards: int, seed: int = 0) -> int:
     def flush():
         nonlocal shard, size, index
         name = f"model-{index + 1:05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        write_safetensors(directory / name, shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
         shard, size, index = {}, 0, index + 1
 

@@ -340,6 +340,17 @@ def test_mla_ref_format_holds_a_biased_source(tmp_path, calib_dir):
     torch.testing.assert_close(_logits(converted_model, tokens), _logits(reference, tokens), **FP32)
 
 
+def test_refit_brings_a_lossy_conversion_closer_to_its_source(llama_dir, calib_dir, tmp_path):
+    """transmla at a quarter of the cache, with and without the least-squares o_proj (refit_output_proj)."""
+    kl = {}
+    for refit in (True, False):
+        options = _small_options(calib_dir=str(calib_dir), method="transmla", kv_lora_rank=8, rope_dim=8, refit=refit)
+        report = convert_checkpoint(llama_dir, tmp_path / f"out-{refit}", options)
+        assert report.options["refit"] is refit
+        kl[refit] = report.quality["converted (mla-ref form)"].kl_to_source
+    assert kl[True] < kl[False], kl
+
+
 def test_mla_ref_checkpoint_is_a_source_too(llama_dir, calib_dir, tmp_path, capsys):
     from mla_ref.calculator import main as kv_cache
 

@@ -130,6 +130,11 @@ def convert_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--q-lora-rank", type=int, default=None, help="low-rank query bottleneck (default: none)")
     parser.add_argument("--freqfold", type=int, default=1, help="TransMLA's FreqFold F (default 1)")
     parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="keep the method's own o_proj (default: re-solve it by least squares against the source layer)",
+    )
+    parser.add_argument(
         "--norm", choices=NORM_MODES, default="gain", help="RMS-normalised bottlenecks: least-squares gains, or an "
         "anchored extra coordinate that keeps them exact for one more element (default: gain)"
     )  # fmt: skip
@@ -151,6 +156,7 @@ def convert_command(argv: list[str] | None = None) -> int:
             rope_dim=args.rope_dim,
             q_lora_rank=args.q_lora_rank,
             freqfold=args.freqfold,
+            refit=not args.no_refit,
             norm=args.norm,
             format=args.format,
             dtype=args.dtype,

@@ -2,7 +2,8 @@
 
     source (llama / qwen2 / mistral directory, or an mla_ref GQA-family checkpoint)
       │  pass 1, per layer: read the layer's tensors, run it on calibration and evaluation tokens,
-      │          convert its attention (exact / TransMLA / MHA2MLA), keep only the result
+      │          convert its attention (exact / TransMLA / MHA2MLA; after a lossy method, o_proj is re-solved
+      │          against the source layer's output, ``refit_output_proj``), keep only the result
       ▼
     exact-form MLA layers (no latent norm, each key pair turning with its source frequency)
       │  pass 2, per layer: bring the layer into stock DeepSeek-V3 form (``mla_ref.hf.stock``) and run the
@@ -43,6 +44,7 @@ with warnings.catch_warnings():
 from mla_ref import checkpoint
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.calculator import CONVERSION_RECORD
+from mla_ref.convert.refit import refit_output_proj
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config, deepseek_tensors
@@ -84,6 +86,7 @@ class ConvertOptions:
     rope_dim: int | None = None  # d_R (transmla / mha2mla); default: the method's own
     q_lora_rank: int | None = None  # low-rank query bottleneck, or None for a full q_proj
     freqfold: int = 1  # TransMLA's FreqFold F
+    refit: bool = True  # after transmla / mha2mla, re-solve o_proj against the source layer (refit_output_proj)
     norm: str = "gain"  # how an RMS-normalised bottleneck reproduces the exact map: "gain" or "anchor"
     format: str = "deepseek-v3"
     dtype: str | None = None  # fp32 / bf16 / fp16; None: the source's storage dtype
@@ -219,6 +222,8 @@ def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibratio
             if options.q_lora_rank is not None:
                 rank = options.q_lora_rank
                 module = low_rank_query(module, calibration_inputs, rank, mode=options.norm, bound=bound)
+            if options.refit and options.method != "exact":  # exact has nothing to correct
+                module = refit_output_proj(module, block.self_attn, calibration_inputs)
             if options.format == "deepseek-v3":
                 d_c, down = module.kv_lora_rank, module.kv_a_proj_with_mqa
                 latent = down(calibration_inputs)[..., :d_c].flatten(0, 1)  # (T, d_c), before any norm
