@@ -11,6 +11,10 @@ weights make the quality numbers meaningless; only time and memory are measured.
 Each conversion runs in its own process.  Peak memory is that process's ``resource.getrusage(RUSAGE_SELF)
 .ru_maxrss`` (peak resident set size, Linux: KiB), which includes the interpreter and torch: the "floor" column
 is the same figure for a process that only imports the converter, and "peak − floor" is what converting adds.
+The resident set also counts pages of the source's files that safetensors maps rather than copies (the
+embedding matrix is read that way, and the quality report's head touches all of it): those are the page cache,
+shared and dropped under pressure.  So the peak of the process's anonymous memory (``RssAnon`` in
+/proc/self/status, sampled every 10 ms) is given as well: what the conversion itself allocates.
 (A forked child starts from its parent's peak, so this script's own process never imports torch: the source is
 written by a child process as well.)
 Compare it with the model's size: the bf16 source on disk, and the same weights in fp32.  The wall time covers
@@ -43,15 +47,28 @@ QWEN25_05B = dict(
     attention_bias=True,
 )
 CHILD = """
-import resource, sys, time
+import resource, sys, threading, time
 import mla_ref.hf.cli as cli
+
+peak_anon = [0]  # KiB: the largest RssAnon seen, sampled every 10 ms
+
+def sample():
+    while True:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+        time.sleep(0.01)
+
+threading.Thread(target=sample, daemon=True).start()
+time.sleep(0.05)
 if sys.argv[1:] == ["--floor"]:
     rc, seconds = 0, 0.0
 else:
     start = time.perf_counter()
     rc = cli.convert_command(sys.argv[1:])
     seconds = time.perf_counter() - start
-print("result", rc, round(seconds, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("result", rc, round(seconds, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peak_anon[0])
 """
 
 
@@ -108,16 +125,16 @@ def write_source(directory: Path, shards: int, seed: int = 0) -> int:
     return total
 
 
-def run_child(arguments: list[str]) -> tuple[int, float, int]:
-    """(exit code, seconds, peak RSS in KiB) of one converter process."""
+def run_child(arguments: list[str]) -> tuple[int, float, int, int]:
+    """(exit code, seconds, peak RSS, peak anonymous RSS; both in KiB) of one converter process."""
     done = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("result ")]
     if not lines:
         raise RuntimeError(f"the converter process failed:\n{done.stderr[-2000:]}")
-    _, rc, seconds, peak = lines[-1].split()
+    _, rc, seconds, peak, peak_anon = lines[-1].split()
     if int(rc) != 0:
         raise RuntimeError(f"convert exited with {rc}:\n{done.stderr[-2000:]}")
-    return int(rc), float(seconds), int(peak)
+    return int(rc), float(seconds), int(peak), int(peak_anon)
 
 
 def main(argv=None) -> None:
@@ -132,7 +149,7 @@ def main(argv=None) -> None:
         weight_bytes = int(written[written.index("weight_bytes") + 1])
         parameters = weight_bytes // 2
         mib = 2**20
-        _, _, floor = run_child(["--floor"])
+        _, _, floor, floor_anon = run_child(["--floor"])
         print(
             f"source: random Qwen2.5-0.5B shape, {parameters / 1e6:.0f} M parameters; bf16 on disk "
             f"{weight_bytes / mib:,.0f} MiB in {args.shards} shards (fp32: {2 * weight_bytes / mib:,.0f} MiB)"
@@ -142,14 +159,24 @@ def main(argv=None) -> None:
             f"{os.cpu_count()} CPUs; peak = ru_maxrss of the converting process"
         )
         print()
-        header = ("method", "wall s", "peak MiB", "floor MiB", "peak − floor MiB", "(peak − floor) / bf16 model")
+        header = (
+            "method",
+            "wall s",
+            "peak MiB",
+            "floor MiB",
+            "peak − floor MiB",
+            "(peak − floor) / bf16 model",
+            "anon peak − floor MiB",
+            "anon / bf16 model",
+        )
         rows = []
         for method in args.methods.split(","):
             out = Path(tmp) / f"out-{method}"
             command = [str(source), str(out), "--method", method, "--quiet", "--calib-tokens", str(args.calib_tokens)]
             command += ["--eval-tokens", str(args.eval_tokens), "--seq-len", str(args.seq_len)]
-            _, seconds, peak = run_child(command)
+            _, seconds, peak, peak_anon = run_child(command)
             added = (peak - floor) * 1024
+            added_anon = (peak_anon - floor_anon) * 1024
             rows.append(
                 (
                     method,
@@ -158,6 +185,8 @@ def main(argv=None) -> None:
                     f"{floor / 1024:,.0f}",
                     f"{added / mib:,.0f}",
                     f"{added / weight_bytes:.2f}",
+                    f"{added_anon / mib:,.0f}",
+                    f"{added_anon / weight_bytes:.2f}",
                 )
             )
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
