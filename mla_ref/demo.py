@@ -1,7 +1,8 @@
 """``python -m mla_ref demo``: a headless tour that checks what it shows.
 
-Each section builds small random modules, runs them, and prints figures that were
-asserted a line earlier, so the demo doubles as a smoke test of the package.
+Each section runs part of the package — small random modules first, then the shipped GQA teacher and
+its conversion to MLA — and prints figures that were asserted a line earlier, so the demo doubles as a
+smoke test of the package.
 """
 
 from __future__ import annotations
@@ -81,6 +82,66 @@ def real_models_section() -> None:
     print("  (python -m mla_ref kv-cache MODEL for the full table)")
 
 
+def teacher_section() -> None:
+    """The shipped GQA teacher: its perplexity against its record, its cache, a sample, and MLA versions of it."""
+    from mla_ref import checkpoint
+    from mla_ref.convert import gqa_to_mla_exact, refit_output_proj, transmla_convert
+    from mla_ref.convert.model import convert_model
+    from mla_ref.data import load_corpus, random_batch, validation_windows
+    from mla_ref.train import TEACHERS_DIR, evaluate, read_record
+
+    print("\n== The GQA teacher, and the same model with MLA attention ==")
+    directory = TEACHERS_DIR / "gqa"
+    teacher, record = checkpoint.load(directory), read_record(directory)
+    corpus = load_corpus()
+    windows = validation_windows(corpus.val, record["seq_len"], record["val_tokens"])
+    evaluation = evaluate(teacher, windows)
+    same_corpus = corpus.val_sha256 == record["corpus"]["val_sha256"]
+    if same_corpus:  # the same bytes: only the order of fp32 sums differs from the record
+        torch.testing.assert_close(evaluation.loss, record["val_loss"], rtol=1e-4, atol=0)
+    else:  # another Python's standard library: other validation text
+        assert abs(evaluation.perplexity / record["val_perplexity"] - 1) < 0.25, evaluation.perplexity
+    print(
+        f"  {teacher.num_parameters():,} parameters, trained on {record['tokens_seen']:,} bytes; validation "
+        f"perplexity {evaluation.perplexity:.3f} over {evaluation.tokens:,} bytes "
+        f"({'equals the record' if same_corpus else 'another corpus than the record: within 25% of it'})"
+    )
+
+    prompt = torch.tensor([list(b"def __init__(self, ")])
+    caches = teacher.new_caches()
+    teacher(prompt, caches)
+    per_token = sum(cache.nbytes for cache in caches) // prompt.shape[1]
+    c = teacher.config
+    assert per_token == 2 * c.kv_heads * c.head_dim * c.n_layers * 4 == teacher.kv_cache_bytes_per_token()
+    sample = bytes(teacher.generate(prompt, max_new_tokens=48)[0].tolist()).decode("utf-8", errors="replace")
+    print(f"  KV cache: 2 x {c.kv_heads} x {c.head_dim} x {c.n_layers} layers x 4 B = {per_token:,} B/token (fp32)")
+    print(f"  greedy sample: {sample!r}")
+
+    tokens = windows[:4, :-1]  # (4, s) validation bytes
+    exact = convert_model(teacher, lambda attention, _inputs: gqa_to_mla_exact(attention))
+    torch.testing.assert_close(exact(tokens), teacher(tokens), atol=1e-4, rtol=1e-4)
+    assert exact.kv_cache_bytes_per_token() == teacher.kv_cache_bytes_per_token()
+    print(f"  exact MLA (d_c = d_R = 2 n_kv d_h): logits = teacher's within 1e-4, cache {per_token:,} B/token")
+
+    calibration, _ = random_batch(corpus.train, 16, record["seq_len"], torch.Generator().manual_seed(0))
+    budget = c.kv_heads * c.head_dim  # half of the teacher's 2 n_kv d_h per layer: d_R = d_c = budget / 2
+
+    def half_cache(attention, inputs):
+        converted = transmla_convert(
+            attention, inputs, kv_lora_rank=budget // 2, rope_dim=budget // 2, rope_budget="rotation", metric="score"
+        )
+        return refit_output_proj(converted, attention, inputs)
+
+    compressed = convert_model(teacher, half_cache, calibration)
+    ratio = evaluate(compressed, windows).perplexity / evaluation.perplexity
+    assert 2 * compressed.kv_cache_bytes_per_token() == teacher.kv_cache_bytes_per_token()
+    assert ratio < 1.35, ratio  # the project's training-free target at half the cache
+    print(
+        f"  MLA at half the cache (TransMLA + mla_ref's recipe, no training): "
+        f"{compressed.kv_cache_bytes_per_token():,} B/token, perplexity {ratio:.3f}x the teacher's"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mla_ref demo", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
@@ -89,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         gqa_family_section(x)
         mla_section(x)
-    real_models_section()
+        real_models_section()
+        teacher_section()
     print("\nAll checks in this demo passed.")
     return 0
