@@ -15,7 +15,7 @@ Rows — the methods:
   and with it (F ∈ {2, 4});
 - mla_ref's recipe (this project's own choice, not a paper's): TransMLA with half the budget on d_R,
   rope_budget="rotation", metric="score", F ∈ {1, 2, 4}, then each layer's o_proj re-solved by least squares
-  against the teacher layer's output on the calibration inputs (``refit_output_proj``).
+  against the teacher layer's output on the calibration inputs (``recipe_convert``).
 
 Where a row lists several F, the one with the lowest perplexity on a selection slice of the *training* split is
 used (never the validation slice the table reports).  Columns: the KV cache per token as a fraction of the
@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from mla_ref import checkpoint
-from mla_ref.convert import gqa_to_mla_exact, mha2mla_convert, mha2mla_ranks, refit_output_proj, transmla_convert
+from mla_ref.convert import gqa_to_mla_exact, mha2mla_convert, mha2mla_ranks, recipe_convert, transmla_convert
 from mla_ref.convert.model import convert_model
 from mla_ref.convert.recovery import budget_steps, pretraining_tokens, recover, recovery_config
 from mla_ref.convert.rorope import default_rope_dim
@@ -167,17 +167,16 @@ def _best_on_selection(lab: Lab, candidates: dict[int, TinyLM]) -> tuple[int, Ti
     return best, candidates[best]
 
 
-def _transmla(lab: Lab, budget: int, rope_dim: int, freqfolds: tuple[int, ...], refit: bool = False, **options):
+def _transmla(lab: Lab, budget: int, rope_dim: int, freqfolds: tuple[int, ...], convert=transmla_convert, **options):
     kv_lora_rank = budget - rope_dim
     half = lab.source.head_dim // 2
     candidates = {}
     for freqfold in (f for f in freqfolds if half % f == 0):
 
         def convert_layer(attention, inputs, freqfold=freqfold):
-            converted = transmla_convert(
+            return convert(
                 attention, inputs, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, freqfold=freqfold, **options
             )
-            return refit_output_proj(converted, attention, inputs) if refit else converted
 
         candidates[freqfold] = convert_model(lab.teacher, convert_layer, lab.calibration)
     freqfold, model = _best_on_selection(lab, candidates)
@@ -200,7 +199,7 @@ def _mla_ref_recipe(lab: Lab, fraction: float):
     rope_dim = min(_even(budget // 2), lab.source.n_kv_heads * lab.source.head_dim)
     if rope_dim < 2 or budget - rope_dim < 1:
         return None
-    return _transmla(lab, budget, rope_dim, (1, 2, 4), refit=True, rope_budget="rotation", metric="score")
+    return _transmla(lab, budget, rope_dim, (1, 2, 4), convert=recipe_convert)
 
 
 def methods() -> list[Method]:

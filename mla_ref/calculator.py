@@ -38,7 +38,7 @@ from torch import nn
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.mla import MultiHeadLatentAttention
-from mla_ref.records import read_record
+from mla_ref.records import CONVERSION_RECORD, read_record
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,8 +47,6 @@ MLA_LATENTS: tuple[tuple[int, int], ...] = ((512, 64), (256, 64), (128, 32))
 
 GQA_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 MLA_MODEL_TYPES: tuple[str, ...] = ("deepseek_v2", "deepseek_v3")
-
-CONVERSION_RECORD = "CONVERSION.md"  # what ``python -m mla_ref convert`` writes next to its output
 
 
 # ---- the formulas ----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def real_models_section() -> None:
 def teacher_section() -> None:
     """The shipped GQA teacher: its perplexity against its record, its cache, a sample, and MLA versions of it."""
     from mla_ref import checkpoint
-    from mla_ref.convert import gqa_to_mla_exact, refit_output_proj, transmla_convert
+    from mla_ref.convert import gqa_to_mla_exact, recipe_convert
     from mla_ref.convert.model import convert_model
     from mla_ref.data import load_corpus, random_batch, validation_windows
     from mla_ref.train import TEACHERS_DIR, evaluate, read_record
@@ -127,10 +127,7 @@ def teacher_section() -> None:
     budget = c.kv_heads * c.head_dim  # half of the teacher's 2 n_kv d_h per layer: d_R = d_c = budget / 2
 
     def half_cache(attention, inputs):
-        converted = transmla_convert(
-            attention, inputs, kv_lora_rank=budget // 2, rope_dim=budget // 2, rope_budget="rotation", metric="score"
-        )
-        return refit_output_proj(converted, attention, inputs)
+        return recipe_convert(attention, inputs, kv_lora_rank=budget // 2, rope_dim=budget // 2)
 
     compressed = convert_model(teacher, half_cache, calibration)
     ratio = evaluate(compressed, windows).perplexity / evaluation.perplexity

@@ -15,6 +15,8 @@ import json
 import re
 from pathlib import Path
 
+CONVERSION_RECORD = "CONVERSION.md"  # what ``python -m mla_ref convert`` writes beside its output
+
 _BLOCK = re.compile(r"## Record\s+```json\n(.*?)\n```", flags=re.DOTALL)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert import gqa_to_mla_exact, refit_output_proj, transmla_convert
+from mla_ref.convert import gqa_to_mla_exact, recipe_convert, refit_output_proj, transmla_convert
 
 D_MODEL = 32
 
@@ -70,3 +70,13 @@ def test_bad_input_is_refused(call, message):
     converted = gqa_to_mla_exact(source)
     with pytest.raises(ValueError, match=message):
         call(source, converted, x)
+
+
+def test_recipe_is_transmla_with_rotation_budget_and_score_metric_then_refit():
+    source, x = _source(), _inputs()
+    recipe = recipe_convert(source, x, kv_lora_rank=6, rope_dim=4)
+    steps = transmla_convert(source, x, kv_lora_rank=6, rope_dim=4, rope_budget="rotation", metric="score")
+    by_hand = refit_output_proj(steps, source, x)
+    for name, tensor in recipe.state_dict().items():
+        torch.testing.assert_close(tensor, by_hand.state_dict()[name], rtol=0, atol=0)
+    assert recipe.cache_elements_per_token() == 6 + 4

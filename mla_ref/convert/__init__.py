@@ -9,7 +9,8 @@
 - ``transmla_convert``: TransMLA without training — RoRoPE / FreqFold (``rorope_basis``, ``rorope_parts``) gather
   the keys' position information into d_R dims, then BKV-PCA (``bkv_pca_parts``) gives the latent.
 - ``refit_output_proj``: after a lossy conversion, o_proj re-solved by least squares so the layer's output
-  matches its source's on the calibration inputs (this project's addition).
+  matches its source's on the calibration inputs (this project's addition); ``recipe_convert``: the project's
+  training-free recipe (TransMLA with the rotation budget and score metric, then the refit).
 - ``recover``: a short fine-tune of a converted model (LM loss or distillation from its source), with the tokens
   it used as a fraction of the source's pre-training (``pretraining_tokens``, ``budget_steps``).
 """
@@ -33,7 +34,7 @@ from mla_ref.convert.recovery import (
     recovery_config,
     teacher_divergence,
 )
-from mla_ref.convert.refit import refit_output_proj
+from mla_ref.convert.refit import recipe_convert, refit_output_proj
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts, select_rope_components
 from mla_ref.convert.svd_low_rank import mha2mla_convert, mha2mla_ranks, svd_low_rank_parts
 
@@ -51,6 +52,7 @@ __all__ = [
     "mha2mla_convert",
     "mha2mla_ranks",
     "pair_norm_scores",
+    "recipe_convert",
     "refit_output_proj",
     "pair_rotation_scores",
     "partial_rope_parts",

@@ -12,10 +12,11 @@ Z has rank at most h·min(d_v, d_c) — hence the ridge, which keeps the directi
 
     W_O = Y_srcᵀ Z (ZᵀZ + λ I)⁻¹,   λ = ridge · mean(diag(ZᵀZ))
 
-Z (T, h·d_v) and Y_src (T, d_model) stack the T calibration tokens.  This is this project's addition, not a
-step of TransMLA or MHA2MLA.  Where the conversion is lossless, the fit reproduces the source's output up to the
-ridge's small bias; where it is not, it lowers the calibration error (by the ridge's margin, it can only lower it).  It keeps the cache and
-the module's form (DeepSeek-V3's o_proj), and the absorbed decode path folds the new W_O as it did the old.
+Z (T, h·d_v) and Y_src (T, d_model) stack the T calibration tokens.  Where the conversion is lossless, the fit
+reproduces the source's output up to the ridge's small bias; where it is not, it lowers the calibration error.  It
+keeps the cache and the module's form (DeepSeek-V3's o_proj), and the absorbed decode path folds the new W_O as it
+did the old.  This step is this project's addition, not TransMLA's or MHA2MLA's; ``recipe_convert`` is the whole
+training-free recipe that ends with it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import copy
 import torch
 from torch import nn
 
+from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.bkv_pca import transmla_convert
 from mla_ref.mla import MultiHeadLatentAttention
 
 
@@ -65,3 +68,29 @@ def refit_output_proj(
     weight_t = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), z.T @ target)
     refit.o_proj.weight.copy_(weight_t.T.to(refit.o_proj.weight.dtype))
     return refit
+
+
+def recipe_convert(
+    source: GroupedQueryAttention,
+    calibration_inputs: torch.Tensor,
+    *,
+    kv_lora_rank: int,
+    rope_dim: int,
+    freqfold: int = 1,
+    ridge: float = 1e-4,
+) -> MultiHeadLatentAttention:
+    """mla_ref's training-free recipe: TransMLA with the rotation-aware RoPE budget and the score metric for
+    BKV-PCA (lesson 06), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
+
+    Shapes: calibration_inputs (b, s, d_model).  ``source`` is not modified.
+    """
+    converted = transmla_convert(
+        source,
+        calibration_inputs,
+        kv_lora_rank=kv_lora_rank,
+        rope_dim=rope_dim,
+        freqfold=freqfold,
+        rope_budget="rotation",
+        metric="score",
+    )
+    return refit_output_proj(converted, source, calibration_inputs, ridge=ridge)

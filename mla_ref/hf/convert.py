@@ -43,7 +43,6 @@ with warnings.catch_warnings():
 
 from mla_ref import checkpoint
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
-from mla_ref.calculator import CONVERSION_RECORD
 from mla_ref.convert.refit import refit_output_proj
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.hf.build import block_from_state, tinylm_from_state
@@ -72,9 +71,9 @@ from mla_ref.hf.stock import (
 )
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig
+from mla_ref.records import CONVERSION_RECORD
 
 FORMATS: tuple[str, ...] = ("deepseek-v3", "mla-ref")
-RECORD_FILE = CONVERSION_RECORD
 
 
 @dataclass
@@ -391,5 +390,5 @@ def convert_checkpoint(
             saved.rmdir()
         copy_carried_files(source.root, staging)
         report.seconds = time.perf_counter() - start
-        (staging / RECORD_FILE).write_text(report.markdown(), encoding="utf-8")
+        (staging / CONVERSION_RECORD).write_text(report.markdown(), encoding="utf-8")
     return report
