@@ -207,11 +207,19 @@ class TinyLM(nn.Module):
         """Parameters counted once (a tied head is not counted twice)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, caches: list | None = None, *, path: str = "naive") -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        caches: list | None = None,
+        *,
+        path: str = "naive",
+        hidden_states: list | None = None,
+    ) -> torch.Tensor:
         """Logits for every position.  tokens (b, s) -> (b, s, vocab_size).
 
         With ``caches`` (one per layer, from ``new_caches()``), the tokens continue the cached
-        sequence; ``path`` ("naive" / "absorbed") is forwarded to MLA layers only.
+        sequence; ``path`` ("naive" / "absorbed") is forwarded to MLA layers only.  A list passed as
+        ``hidden_states`` receives each block's output, (b, s, d) per block (what distillation can match).
         """
         require_choice("path", path, ATTENTION_PATHS)
         if tokens.ndim != 2:
@@ -221,6 +229,8 @@ class TinyLM(nn.Module):
         x = self.embed_tokens(tokens)  # (b, s, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], path=path)  # (b, s, d)
+            if hidden_states is not None:
+                hidden_states.append(x)
         return self.lm_head(self.norm(x))  # (b, s, vocab)
 
     @torch.no_grad()

@@ -6,7 +6,13 @@
 
       L = (1 - α) · CE(student, targets) + α · τ² · KL(softmax(teacher / τ) ‖ softmax(student / τ))
 
-  (the τ² keeps the soft term's gradients on the scale of the hard one; Hinton et al., 2015).
+  (the τ² keeps the soft term's gradients on the scale of the hard one; Hinton et al., 2015), and
+  optionally a hidden-state term that asks every block's output to stay near the teacher's:
+
+      L += β · Σ_l ‖h_l(student) − h_l(teacher)‖² / ‖h_l(teacher)‖²        (β = distill_hidden_weight)
+
+  For a converted student — the teacher's own MLPs, norms and head around new attention layers — that
+  term says at every layer where the residual stream went wrong, not only at the logits.
 - Evaluation: mean cross entropy over the fixed validation slice, perplexity = exp(loss)
   and bits per byte = loss / ln 2 (one token is one byte).  Deterministic.
 
@@ -65,6 +71,7 @@ class TrainConfig:
     eval_batch_size: int = 32  # windows per evaluation forward
     distill_alpha: float = 0.5  # weight α of the distillation term (used only with a teacher)
     distill_temperature: float = 2.0  # τ of the distillation term
+    distill_hidden_weight: float = 0.0  # β of the hidden-state term (used only with a teacher; 0 = off)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_tokens", "eval_batch_size"):
@@ -79,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"distill_alpha must lie in [0, 1], got {self.distill_alpha}")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}")
+        if not self.distill_hidden_weight >= 0:
+            raise ValueError(f"distill_hidden_weight must be ≥ 0 (0 = off), got {self.distill_hidden_weight}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be ≥ 0 (0 = off), got {self.grad_clip}")
 
@@ -134,6 +143,22 @@ def distillation_loss(
     return (1.0 - alpha) * hard + alpha * temperature**2 * soft
 
 
+def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l ‖h_l(student) − h_l(teacher)‖² / ‖h_l(teacher)‖²: each block's output error relative to the teacher's.
+
+    Shapes: two lists of one (b, s, d) tensor per block (``TinyLM.forward(..., hidden_states=[])``).
+    Returns a scalar.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(
+            f"need one hidden state per block on both sides, got {len(student_hidden)} and {len(teacher_hidden)}"
+        )
+    return sum(
+        (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean()
+        for s, t in zip(student_hidden, teacher_hidden, strict=True)
+    )
+
+
 @torch.no_grad()
 def evaluate(model: TinyLM, windows: torch.Tensor, *, batch_size: int = 32, path: str = "naive") -> Evaluation:
     """Mean next-byte cross entropy over ``windows`` (n, s + 1), with perplexity and bits per byte."""
@@ -173,7 +198,8 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place on random windows of ``corpus.train``; evaluate on its fixed validation slice.
 
-    With a ``teacher``, the loss mixes in logit distillation (see the module docstring).
+    With a ``teacher``, the loss mixes in logit distillation and, when ``config.distill_hidden_weight`` > 0,
+    the hidden-state term (see the module docstring).
     ``log``, if given, is called with one line of text at every evaluation.
     The batch sampler is seeded with ``config.seed``, so the same model, corpus and config
     give the same run.
@@ -209,15 +235,20 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = random_batch(corpus.train, config.batch_size, config.seq_len, generator)  # (b, s) each
-        logits = model(inputs)  # (b, s, v)
+        match_hidden = teacher is not None and config.distill_hidden_weight > 0
+        student_hidden: list[torch.Tensor] | None = [] if match_hidden else None  # one (b, s, d) per block
+        logits = model(inputs, hidden_states=student_hidden)  # (b, s, v)
         if teacher is None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         else:
+            teacher_hidden: list[torch.Tensor] | None = [] if match_hidden else None
             with torch.no_grad():
-                teacher_logits = teacher(inputs)  # (b, s, v)
+                teacher_logits = teacher(inputs, hidden_states=teacher_hidden)  # (b, s, v)
             loss = distillation_loss(
                 logits, teacher_logits, targets, alpha=config.distill_alpha, temperature=config.distill_temperature
             )
+            if match_hidden:
+                loss = loss + config.distill_hidden_weight * hidden_state_loss(student_hidden, teacher_hidden)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:

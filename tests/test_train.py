@@ -16,6 +16,7 @@ from mla_ref.train import (
     distillation_loss,
     evaluate,
     evaluate_command,
+    hidden_state_loss,
     learning_rate,
     read_record,
     train,
@@ -128,11 +129,57 @@ def test_distillation_pulls_the_student_towards_the_teacher(text_corpus):
     assert kl_to_teacher() < 0.5 * before
 
 
+def test_forward_hands_out_each_blocks_output():
+    model = tiny_model(n_layers=3)
+    tokens = torch.randint(0, 256, (2, 7))
+    hidden: list[torch.Tensor] = []
+    logits = model(tokens, hidden_states=hidden)
+    assert [tuple(h.shape) for h in hidden] == [(2, 7, 32)] * 3
+    # the last block's output is what the final norm and head read
+    torch.testing.assert_close(model.lm_head(model.norm(hidden[-1])), logits, rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens), logits, rtol=0, atol=0)
+
+
+def test_hidden_state_loss_is_the_summed_relative_error():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 5, 8), 3 * torch.randn(2, 5, 8)]
+    student = [t + 0.1 * torch.randn_like(t) for t in teacher]
+    expected = sum(((s - t) ** 2).sum() / (t**2).sum() for s, t in zip(student, teacher, strict=True))
+    torch.testing.assert_close(hidden_state_loss(student, teacher), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(hidden_state_loss(teacher, teacher), torch.tensor(0.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one hidden state per block"):
+        hidden_state_loss(student[:1], teacher)
+
+
+def test_hidden_state_term_pulls_the_residual_stream_towards_the_teacher(text_corpus):
+    teacher = tiny_model(n_layers=2)
+    train(teacher, text_corpus, TrainConfig(steps=30, batch_size=8, seq_len=32, eval_every=0), quiet=True)
+    windows = validation_windows(text_corpus.val, seq_len=32, max_tokens=256)[:, :-1]
+
+    def hidden_error(student) -> float:
+        with torch.no_grad():
+            s_hidden, t_hidden = [], []
+            student(windows, hidden_states=s_hidden)
+            teacher(windows, hidden_states=t_hidden)
+        return hidden_state_loss(s_hidden, t_hidden).item()
+
+    errors = {}
+    for beta in (0.0, 1.0):
+        student = tiny_model(n_layers=2, attention="mqa")
+        config = TrainConfig(steps=20, batch_size=8, seq_len=32, eval_every=0, distill_hidden_weight=beta)
+        train(student, text_corpus, config, teacher=teacher, quiet=True)
+        errors[beta] = hidden_error(student)
+    # logits alone leave the residual stream free; the term ties it to the teacher's
+    assert errors[1.0] < 0.5 * errors[0.0]
+
+
 def test_bad_train_config_is_refused():
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="distill_alpha must lie in"):
         TrainConfig(distill_alpha=1.5)
+    with pytest.raises(ValueError, match="distill_hidden_weight must be ≥ 0"):
+        TrainConfig(distill_hidden_weight=-1.0)
 
 
 def test_train_teacher_command_writes_a_checkpoint_and_its_record(tmp_path, text_corpus, capsys):
