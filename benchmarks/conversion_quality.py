@@ -2,8 +2,8 @@
 
 For each teacher (``mla_ref/teachers/mha`` and ``mla_ref/teachers/gqa``) and each conversion method, every attention
 layer is converted (``mla_ref.convert.model.convert_model``) and the whole model's validation perplexity is measured
-with no training and after the same short fine-tune (``mla_ref.convert.recovery``: distillation from the teacher,
-AdamW, warm-up then cosine).
+with no training and after the same short fine-tune (``mla_ref.convert.recovery``: distillation from the teacher's
+logits and from every block's output, all parameters, batch 4, AdamW, warm-up then cosine).
 
 Rows — the methods:
 
@@ -69,7 +69,6 @@ STRATEGIES: tuple[str, ...] = ("2-norm", "high", "low", "uniform")  # MHA2MLA's 
 FINETUNE_GRIDS: tuple[str, ...] = ("policy", "all", "none")
 FAMILIES: tuple[str, ...] = ("exact", "MHA2MLA", "TransMLA", "mla_ref")
 SEQ_LEN = 128  # bytes per window, as in the teachers' pre-training
-FINETUNE_BATCH = 16  # windows per fine-tune step
 MAX_FINETUNE_FRACTION = 0.02  # of the teacher's pre-training tokens
 TIE_MARGIN = 0.02  # relative perplexity difference called a tie in the claim checks
 LOSSLESS = 1e-3  # a conversion within 0.1% of the teacher's perplexity counts as lossless
@@ -275,23 +274,24 @@ def run_teacher(name: str, args: argparse.Namespace) -> dict:
     base = evaluate(teacher, validation).perplexity
     pretraining = pretraining_tokens(directory)
     steps = args.finetune_steps or budget_steps(
-        args.finetune_budget, pretraining, batch_size=FINETUNE_BATCH, seq_len=SEQ_LEN
+        args.finetune_budget, pretraining, batch_size=args.finetune_batch, seq_len=SEQ_LEN
     )
     config = recovery_config(
         steps,
-        batch_size=FINETUNE_BATCH,
+        batch_size=args.finetune_batch,
         seq_len=SEQ_LEN,
         lr=args.lr,
         seed=args.seed,
         eval_tokens=args.eval_tokens,
         distill_alpha=args.distill_alpha,
+        distill_hidden_weight=args.distill_hidden,
     )
     result = TeacherResult(
         name=name,
         parameters=teacher.num_parameters(),
         pretraining_tokens=pretraining,
         teacher_perplexity=base,
-        finetune_tokens=steps * FINETUNE_BATCH * SEQ_LEN,
+        finetune_tokens=steps * args.finetune_batch * SEQ_LEN,
         finetune_steps=steps,
     )
     if result.finetune_tokens > MAX_FINETUNE_FRACTION * pretraining:
@@ -373,9 +373,10 @@ def teacher_table(result: TeacherResult, args: argparse.Namespace) -> list[str]:
         "",
         f"{result.parameters:,} parameters, pre-trained on {result.pretraining_tokens:,} tokens.  Each cell: "
         "perplexity with no training (× the teacher's) → **after the fine-tune (× the teacher's)**.  Fine-tune: "
-        f"{result.finetune_steps} steps × {FINETUNE_BATCH} × {SEQ_LEN} = {result.finetune_tokens:,} tokens = "
+        f"{result.finetune_steps} steps × {args.finetune_batch} × {SEQ_LEN} = {result.finetune_tokens:,} tokens = "
         f"{result.finetune_tokens / result.pretraining_tokens:.2%} of the teacher's pre-training tokens; distillation "
-        f"from the teacher (α = {args.distill_alpha:g}, τ = 2), AdamW lr {args.lr:g}, warm-up then cosine, "
+        f"from the teacher (α = {args.distill_alpha:g}, τ = 2, hidden-state term β = {args.distill_hidden:g}), AdamW lr "
+        f"{args.lr:g}, warm-up then cosine, "
         f"{args.trainable} parameters trainable.  Fine-tuned: {grid} ({tuned} cells).  Validation: the first "
         f"{args.eval_tokens:,} bytes of the validation split.  Calibration: {args.calib_tokens:,} tokens of the "
         f"training split; F chosen on {args.select_tokens:,} other training tokens.  MHA2MLA is sized by "
@@ -553,7 +554,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teachers", default=",".join(TEACHERS), help="comma-separated: mha, gqa (default: both)")
     p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="KV cache fractions (columns)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="steps of 16 × 128 tokens (default: the budget)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="optimiser steps (default: the budget's)")
+    p.add_argument("--finetune-batch", type=int, default=4, help="windows of 128 bytes per fine-tune step")
     p.add_argument(
         "--finetune-budget",
         type=float,
@@ -563,7 +565,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-grid", choices=FINETUNE_GRIDS, default="policy", help="which cells to fine-tune")
     p.add_argument("--lr", type=float, default=5e-4, help="fine-tune peak learning rate")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
-    p.add_argument("--trainable", choices=("attention", "all"), default="attention", help="what the fine-tune moves")
+    p.add_argument("--distill-hidden", type=float, default=3.0, help="β of the hidden-state term (0 = off)")
+    p.add_argument("--trainable", choices=("attention", "all"), default="all", help="what the fine-tune moves")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (training split)")
     p.add_argument("--select-tokens", type=int, default=4096, help="training tokens that choose FreqFold's F")
     p.add_argument("--eval-tokens", type=int, default=16384, help="validation slice, in predicted bytes")
@@ -589,7 +592,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not args.fractions or any(not 0 < f <= 1 for f in args.fractions):
         raise ValueError(f"--fractions must be numbers in (0, 1], got {args.fractions}")
     args.fractions = sorted(set(args.fractions), reverse=True)
-    for name in ("calib_tokens", "select_tokens", "eval_tokens", "threads", "jobs"):
+    for name in ("calib_tokens", "select_tokens", "eval_tokens", "threads", "jobs", "finetune_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.finetune_steps is not None and args.finetune_steps < 1:

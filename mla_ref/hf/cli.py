@@ -132,7 +132,8 @@ def convert_command(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-refit",
         action="store_true",
-        help="keep the method's own o_proj (default: re-solve it by least squares against the source layer)",
+        help="keep the method's own o_proj (default: re-solve it by least squares against the source layer); "
+        "a better start for a model that will be fine-tuned",
     )
     parser.add_argument(
         "--norm", choices=NORM_MODES, default="gain", help="RMS-normalised bottlenecks: least-squares gains, or an "
