@@ -61,7 +61,7 @@ from mla_ref.convert.recovery import budget_steps, pretraining_tokens, recover, 
 from mla_ref.convert.rorope import default_rope_dim
 from mla_ref.data import Corpus, load_corpus, random_batch, validation_windows
 from mla_ref.model import TinyLM
-from mla_ref.train import TEACHERS_DIR, evaluate
+from mla_ref.train import TEACHERS_DIR, TrainConfig, evaluate
 
 TEACHERS: tuple[str, ...] = ("mha", "gqa")
 FRACTIONS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
@@ -276,16 +276,7 @@ def run_teacher(name: str, args: argparse.Namespace) -> dict:
     steps = args.finetune_steps or budget_steps(
         args.finetune_budget, pretraining, batch_size=args.finetune_batch, seq_len=SEQ_LEN
     )
-    config = recovery_config(
-        steps,
-        batch_size=args.finetune_batch,
-        seq_len=SEQ_LEN,
-        lr=args.lr,
-        seed=args.seed,
-        eval_tokens=args.eval_tokens,
-        distill_alpha=args.distill_alpha,
-        distill_hidden_weight=args.distill_hidden,
-    )
+    config = finetune_config(args, steps)
     result = TeacherResult(
         name=name,
         parameters=teacher.num_parameters(),
@@ -550,12 +541,36 @@ def plot(results: list[TeacherResult], path: Path) -> None:
 # ---- command line --------------------------------------------------------------------------------------------
 
 
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    """The fine-tune's settings (and the validation slice it reports on); finetune_budget.py shares them."""
+    p.add_argument("--finetune-batch", type=int, default=4, help="windows of 128 bytes per fine-tune step")
+    p.add_argument("--lr", type=float, default=5e-4, help="fine-tune peak learning rate")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
+    p.add_argument("--distill-hidden", type=float, default=3.0, help="β of the hidden-state term (0 = off)")
+    p.add_argument("--trainable", choices=("attention", "all"), default="all", help="what the fine-tune moves")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="validation slice, in predicted bytes")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def finetune_config(args: argparse.Namespace, steps: int) -> TrainConfig:
+    """The fine-tune of ``steps`` optimiser steps that ``add_finetune_arguments``' settings describe."""
+    return recovery_config(
+        steps,
+        batch_size=args.finetune_batch,
+        seq_len=SEQ_LEN,
+        lr=args.lr,
+        seed=args.seed,
+        eval_tokens=args.eval_tokens,
+        distill_alpha=args.distill_alpha,
+        distill_hidden_weight=args.distill_hidden,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teachers", default=",".join(TEACHERS), help="comma-separated: mha, gqa (default: both)")
     p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="KV cache fractions (columns)")
     p.add_argument("--finetune-steps", type=int, default=None, help="optimiser steps (default: the budget's)")
-    p.add_argument("--finetune-batch", type=int, default=4, help="windows of 128 bytes per fine-tune step")
     p.add_argument(
         "--finetune-budget",
         type=float,
@@ -563,16 +578,11 @@ def _parser() -> argparse.ArgumentParser:
         help="fine-tune tokens as a fraction of the teacher's pre-training, when --finetune-steps is not given",
     )
     p.add_argument("--finetune-grid", choices=FINETUNE_GRIDS, default="policy", help="which cells to fine-tune")
-    p.add_argument("--lr", type=float, default=5e-4, help="fine-tune peak learning rate")
-    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
-    p.add_argument("--distill-hidden", type=float, default=3.0, help="β of the hidden-state term (0 = off)")
-    p.add_argument("--trainable", choices=("attention", "all"), default="all", help="what the fine-tune moves")
+    add_finetune_arguments(p)
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (training split)")
     p.add_argument("--select-tokens", type=int, default=4096, help="training tokens that choose FreqFold's F")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="validation slice, in predicted bytes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (one is fastest here)")
     p.add_argument("--jobs", type=int, default=1, help="teachers converted in parallel, one process each")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/conversion_quality.md")
     p.add_argument("--quick", action="store_true", help="smoke test: small slices, 2 fine-tune steps")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -5,8 +5,8 @@
 The conversion is one of the table's (``conversion_quality.py``), on the same calibration and validation slices:
 ``--method transmla`` (the default) is TransMLA as published — the start that fine-tunes best in the table, though
 it is far from the best before training — and ``--method mla_ref`` is mla_ref's training-free recipe.  Each
-budget then fine-tunes its own copy of that model with the table's fine-tune settings (the defaults of
-conversion_quality.py: distillation α 0.5, τ 2, hidden-state term β 3, batch 4 × 128, lr 5e-4, all parameters) for
+budget then fine-tunes its own copy of that model with the table's fine-tune settings (the same flags and defaults
+as conversion_quality.py: distillation α 0.5, τ 2, hidden-state term β 3, batch 4 × 128, lr 5e-4, all parameters) for
 ⌊budget · pre-training tokens / (batch · 128)⌋ steps, the same seed.  The table stops at 2% of the teacher's
 pre-training tokens; this script goes past it to show where the curve meets a target.
 """
@@ -19,10 +19,18 @@ import sys
 import time
 
 import torch
-from conversion_quality import SEQ_LEN, Lab, _mla_ref_recipe, _transmla_paper, _windows
+from conversion_quality import (
+    SEQ_LEN,
+    Lab,
+    _mla_ref_recipe,
+    _transmla_paper,
+    _windows,
+    add_finetune_arguments,
+    finetune_config,
+)
 
 from mla_ref import checkpoint
-from mla_ref.convert.recovery import budget_steps, pretraining_tokens, recover, recovery_config
+from mla_ref.convert.recovery import budget_steps, pretraining_tokens, recover
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.train import TEACHERS_DIR, evaluate
 
@@ -35,13 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.25, help="KV cache as a fraction of the teacher's")
     parser.add_argument("--method", choices=tuple(METHODS), default="transmla", help="the conversion to fine-tune")
     parser.add_argument("--budgets", default="0.01,0.02,0.04,0.08", help="fractions of pre-training tokens")
-    parser.add_argument("--batch", type=int, default=4, help="windows of 128 bytes per step")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--distill-alpha", type=float, default=0.5)
-    parser.add_argument("--distill-hidden", type=float, default=3.0, help="β of the hidden-state term")
-    parser.add_argument("--trainable", choices=("attention", "all"), default="all")
+    add_finetune_arguments(parser)  # the table's fine-tune settings and defaults
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         budgets = sorted({float(b) for b in args.budgets.split(",") if b.strip()})
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         selection=_windows(corpus.train, 4096, seed=args.seed + 1),
         cache=teacher.layers[0].self_attn.cache_elements_per_token(),
     )
-    validation = validation_windows(corpus.val, SEQ_LEN, 16384)
+    validation = validation_windows(corpus.val, SEQ_LEN, args.eval_tokens)
     base = evaluate(teacher, validation).perplexity
     pretraining = pretraining_tokens(directory)
     built = METHODS[args.method](lab, args.fraction)
@@ -82,21 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| fine-tune budget | tokens | steps | perplexity | × teacher | wall s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for budget in budgets:
-        steps = budget_steps(budget, pretraining, batch_size=args.batch, seq_len=SEQ_LEN)
-        config = recovery_config(
-            steps,
-            batch_size=args.batch,
-            seq_len=SEQ_LEN,
-            lr=args.lr,
-            seed=args.seed,
-            distill_alpha=args.distill_alpha,
-            distill_hidden_weight=args.distill_hidden,
-        )
+        steps = budget_steps(budget, pretraining, batch_size=args.finetune_batch, seq_len=SEQ_LEN)
         began = time.perf_counter()
-        result = recover(copy.deepcopy(converted), corpus, config, teacher=teacher, trainable=args.trainable)
+        result = recover(
+            copy.deepcopy(converted), corpus, finetune_config(args, steps), teacher=teacher, trainable=args.trainable
+        )
         after = result.after.perplexity
         print(
-            f"| {budget:.0%} | {result.tokens:,} | {steps} | {after:.3f} | {after / base:.3f}× | "
+            f"| {budget * 100:g}% | {result.tokens:,} | {steps} | {after:.3f} | {after / base:.3f}× | "
             f"{time.perf_counter() - began:.0f} |",
             flush=True,
         )

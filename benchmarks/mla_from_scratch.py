@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from mla_ref.calculator import gqa_elements_per_token_per_layer, mla_elements_per_token_per_layer
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.train import TEACHERS_DIR, TrainConfig, evaluate, read_record, train
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         qk_nope_head_dim=teacher_config.head_dim,
         v_head_dim=teacher_config.head_dim,
     )
-    teacher_cache = 2 * (teacher_config.n_kv_heads or teacher_config.n_heads) * teacher_config.head_dim
-    mla_cache = args.kv_lora_rank + args.rope_dim
+    teacher_cache = gqa_elements_per_token_per_layer(
+        teacher_config.n_kv_heads or teacher_config.n_heads, teacher_config.head_dim
+    )
+    mla_cache = mla_elements_per_token_per_layer(args.kv_lora_rank, args.rope_dim)
     corpus = load_corpus(None)
     torch.manual_seed(train_config.seed)
     model = TinyLM(config)
