@@ -2,7 +2,7 @@
 
 For each teacher (``mla_ref/teachers/mha`` and ``mla_ref/teachers/gqa``) and each conversion method, every attention
 layer is converted (``mla_ref.convert.model.convert_model``) and the whole model's validation perplexity is measured
-with no training and after the same short fine-tune (``mla_ref.convert.recovery``: distillation from the teacher's
+with no training and after the same short fine-tune (``mla_ref.recovery``: distillation from the teacher's
 logits and from every block's output, all parameters, batch 4, AdamW, warm-up then cosine).
 
 Rows — the methods:
@@ -55,12 +55,11 @@ from pathlib import Path
 import torch
 
 from mla_ref import checkpoint
-from mla_ref.convert import gqa_to_mla_exact, mha2mla_convert, mha2mla_ranks, recipe_convert, transmla_convert
+from mla_ref.convert import get_method, gqa_to_mla_exact, mha2mla_convert, mha2mla_ranks
 from mla_ref.convert.model import convert_model
-from mla_ref.convert.recovery import budget_steps, pretraining_tokens, recover, recovery_config
-from mla_ref.convert.rorope import default_rope_dim
 from mla_ref.data import Corpus, load_corpus, random_batch, validation_windows
 from mla_ref.model import TinyLM
+from mla_ref.recovery import budget_steps, pretraining_tokens, recover, recovery_config
 from mla_ref.train import TEACHERS_DIR, TrainConfig, evaluate
 
 TEACHERS: tuple[str, ...] = ("mha", "gqa")
@@ -155,10 +154,6 @@ def _mha2mla(strategy: str, svd: str):
     return build
 
 
-def _even(n: int) -> int:
-    return n // 2 * 2
-
-
 def _best_on_selection(lab: Lab, candidates: dict[int, TinyLM]) -> tuple[int, TinyLM]:
     """The FreqFold F whose model has the lowest loss on the selection slice (training text)."""
     losses = {f: evaluate(model, lab.selection).loss for f, model in candidates.items()}
@@ -166,39 +161,30 @@ def _best_on_selection(lab: Lab, candidates: dict[int, TinyLM]) -> tuple[int, Ti
     return best, candidates[best]
 
 
-def _transmla(lab: Lab, budget: int, rope_dim: int, freqfolds: tuple[int, ...], convert=transmla_convert, **options):
-    kv_lora_rank = budget - rope_dim
-    half = lab.source.head_dim // 2
-    candidates = {}
-    for freqfold in (f for f in freqfolds if half % f == 0):
+def registered(name: str, freqfolds: tuple[int, ...] = (1,)):
+    """The registry's method ``name`` at a cache fraction, sized by its own rule (``Method.sizes``); with several
+    FreqFold values, the one with the lowest loss on the selection slice."""
+    method = get_method(name)
 
-        def convert_layer(attention, inputs, freqfold=freqfold):
-            return convert(
-                attention, inputs, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, freqfold=freqfold, **options
-            )
-
-        candidates[freqfold] = convert_model(lab.teacher, convert_layer, lab.calibration)
-    freqfold, model = _best_on_selection(lab, candidates)
-    return model, f"d_R={rope_dim} d_c={kv_lora_rank} F={freqfold}"
-
-
-def _transmla_paper(freqfolds: tuple[int, ...]):
     def build(lab: Lab, fraction: float):
-        budget = lab.layer_budget(fraction)
-        rope_dim = min(default_rope_dim(lab.source.head_dim), _even(budget // 2))
-        if rope_dim < 2 or budget - rope_dim < 1:
+        try:
+            sizes = method.sizes(lab.source, budget=fraction)
+        except ValueError:  # no latent fits beside d_R at this budget
             return None
-        return _transmla(lab, budget, rope_dim, freqfolds)
+        half = lab.source.head_dim // 2
+        candidates = {}
+        for freqfold in (f for f in freqfolds if half % f == 0):
+            options = {"freqfold": freqfold} if "freqfold" in method.options else {}
+
+            def convert_layer(attention, inputs, options=options):
+                return method.convert(attention, inputs, sizes | options)
+
+            candidates[freqfold] = convert_model(lab.teacher, convert_layer, lab.calibration)
+        freqfold, model = _best_on_selection(lab, candidates)
+        settings = " ".join(f"{k}={v}" for k, v in sizes.items())
+        return model, settings + (f" F={freqfold}" if "freqfold" in method.options else "")
 
     return build
-
-
-def _mla_ref_recipe(lab: Lab, fraction: float):
-    budget = lab.layer_budget(fraction)
-    rope_dim = min(_even(budget // 2), lab.source.n_kv_heads * lab.source.head_dim)
-    if rope_dim < 2 or budget - rope_dim < 1:
-        return None
-    return _transmla(lab, budget, rope_dim, (1, 2, 4), convert=recipe_convert)
 
 
 def methods() -> list[Method]:
@@ -207,14 +193,14 @@ def methods() -> list[Method]:
         for strategy in STRATEGIES:
             label = f"MHA2MLA S_{strategy}, SVD_{svd}"
             rows.append(Method(f"mha2mla-{strategy}-{svd}", "MHA2MLA", label, _mha2mla(strategy, svd)))
-    rows.append(Method("transmla", "TransMLA", "TransMLA (paper), RoRoPE + BKV-PCA", _transmla_paper((1,))))
-    rows.append(Method("transmla-ff", "TransMLA", "TransMLA (paper) + FreqFold", _transmla_paper((2, 4))))
+    rows.append(Method("transmla", "TransMLA", "TransMLA (paper), RoRoPE + BKV-PCA", registered("transmla")))
+    rows.append(Method("transmla-ff", "TransMLA", "TransMLA (paper) + FreqFold", registered("transmla", (2, 4))))
     rows.append(
         Method(
             "mla_ref",
             "mla_ref",
-            "**mla_ref's recipe**: rotation budget, score metric, best F, output refit",
-            _mla_ref_recipe,
+            "**mla_ref's recipe** (`recipe`): one roped component per frequency, score metric, output refit",
+            registered("recipe"),
         )
     )
     return rows

@@ -48,7 +48,7 @@ QWEN25_05B = dict(
 )
 CHILD = """
 import resource, sys, threading, time
-import mla_ref.hf.cli as cli
+import mla_ref.cli.convert as cli
 
 peak_anon = [0]  # KiB: the largest RssAnon seen, sampled every 10 ms
 

@@ -22,19 +22,18 @@ import torch
 from conversion_quality import (
     SEQ_LEN,
     Lab,
-    _mla_ref_recipe,
-    _transmla_paper,
     _windows,
     add_finetune_arguments,
     finetune_config,
+    registered,
 )
 
 from mla_ref import checkpoint
-from mla_ref.convert.recovery import budget_steps, pretraining_tokens, recover
 from mla_ref.data import load_corpus, validation_windows
+from mla_ref.recovery import budget_steps, pretraining_tokens, recover
 from mla_ref.train import TEACHERS_DIR, evaluate
 
-METHODS = {"transmla": _transmla_paper((1,)), "mla_ref": _mla_ref_recipe}  # the table's builders: (lab, fraction)
+METHODS = {"transmla": registered("transmla"), "mla_ref": registered("recipe")}  # the table's builders
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The command line: ``python -m mla_ref COMMAND …`` (also installed as ``mla-ref``).
 
-Each command lives in the module that owns its idea and exposes ``main(argv) -> int``;
-this file only dispatches, importing a command's module when it is asked for.
+Each command's argument parsing and printing lives in ``mla_ref.cli`` and exposes a function
+``(argv) -> int``; this file only dispatches, importing a command's module when it is asked for.
 """
 
 from __future__ import annotations
@@ -11,12 +11,20 @@ import sys
 
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("mla_ref.demo", "main", "a headless tour: the GQA family, MLA and its cache savings"),
-    "kv-cache": ("mla_ref.calculator", "main", "KV-cache bytes for a model preset or a config.json"),
-    "train-teacher": ("mla_ref.train", "train_teacher_command", "train a tiny byte-level teacher on the local corpus"),
-    "eval": ("mla_ref.train", "evaluate_command", "validation loss, perplexity and bits/byte of a checkpoint"),
-    "convert": ("mla_ref.hf.cli", "convert_command", "convert a Llama/Qwen2/Mistral checkpoint to MLA (DeepSeek-V3)"),
-    "export": ("mla_ref.hf.cli", "export_command", "write a model in a Hugging Face layout (llama, deepseek-v3)"),
+    "demo": ("mla_ref.cli.demo", "main", "a headless tour: the GQA family, MLA and its cache savings"),
+    "kv-cache": ("mla_ref.cli.kv_cache", "main", "KV-cache bytes for a model preset or a config.json"),
+    "train-teacher": (
+        "mla_ref.cli.lab",
+        "train_teacher_command",
+        "train a tiny byte-level teacher on the local corpus",
+    ),
+    "eval": ("mla_ref.cli.lab", "evaluate_command", "validation loss, perplexity and bits/byte of a checkpoint"),
+    "convert": (
+        "mla_ref.cli.convert",
+        "convert_command",
+        "convert a Llama/Qwen2/Mistral checkpoint to MLA (DeepSeek-V3)",
+    ),
+    "export": ("mla_ref.cli.convert", "export_command", "write a model in a Hugging Face layout (llama, deepseek-v3)"),
 }
 
 

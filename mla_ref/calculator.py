@@ -1,4 +1,4 @@
-"""KV-cache sizes, computed from a model's attention shape alone (DESIGN.md §2).
+"""KV-cache sizes, computed from a model's attention shape alone.
 
 Per token per layer, a cache holds
 
@@ -15,9 +15,7 @@ states it), and MLA's figure counts d_R as well as d_c.
 
 ``python -m mla_ref kv-cache MODEL`` prints, for a preset or a Hugging Face ``config.json``,
 the model's own cache next to MLA caches of DeepSeek's size (512 + 64) and smaller, and, for a
-DeepSeek model, the MHA-equivalent cache it avoids.  ``--compare SRC`` adds the saving against
-another model; a directory written by ``convert`` is compared with the source its CONVERSION.md
-names unless told otherwise.  The same figures are available from Python:
+DeepSeek model, the MHA-equivalent cache it avoids (the command is ``mla_ref.cli.kv_cache``).  The same figures are available from Python:
 
     >>> shape = load_model_shape("llama-2-7b")
     >>> report(shape, context=4096, batch=1, dtype="bf16")["variants"][0]["bytes_per_token"]
@@ -26,9 +24,7 @@ names unless told otherwise.  The same figures are available from Python:
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,36 +422,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- command line -----------------------------------------------------------------------------
-class _UsageError(Exception):
-    """An argument argparse rejected; ``main`` prints it on one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit; report it like any bad value
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m mla_ref kv-cache",
-        description="KV-cache bytes of a model's own attention next to MLA caches of several latent sizes.",
-        epilog=f"presets: {', '.join(PRESETS)}",
-    )
-    parser.add_argument("model", metavar="MODEL", help="a preset name, a config.json, or a directory holding one")
-    parser.add_argument("--context", type=int, default=4096, help="cached tokens per sequence (default 4096)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="cache element type (default bf16)")
-    parser.add_argument(
-        "--compare",
-        metavar="SRC",
-        help="also show the saving against SRC (a preset, config.json or directory); default for a directory "
-        f"written by convert: the source its {CONVERSION_RECORD} names, when it is still there",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return parser
-
-
 def recorded_source(model: str) -> str | None:
     """The source named by ``model/CONVERSION.md`` (a directory written by ``convert``), if it is readable.
 
@@ -470,24 +436,3 @@ def recorded_source(model: str) -> str | None:
         return None
     source_path = Path(source)
     return source if (source_path / "config.json").is_file() or source_path.is_file() else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mla_ref kv-cache MODEL [--context N] [--batch B] [--dtype D] [--compare SRC] [--json]``.
-
-    Returns 0, or 2 after printing one ``error: …`` line on stderr for bad input.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = _parser().parse_args(argv)
-        shape = load_model_shape(args.model)
-        compare = args.compare or recorded_source(args.model)
-        other = None if compare is None else load_model_shape(compare)
-        result = report(shape, args.context, args.batch, args.dtype, compare=other)
-    except (_UsageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0

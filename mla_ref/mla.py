@@ -54,13 +54,12 @@ from mla_ref._checks import (
 )
 from mla_ref.attention import grouped_attention
 from mla_ref.cache import LatentCache
+from mla_ref.kernels.dispatch import BACKENDS, Backend, mla_decode
 from mla_ref.norm import RMSNorm
 from mla_ref.rope import ROPE_LAYOUTS, RopeLayout, apply_rope, frequency_table, rope_inv_freq
 
 AttentionPath = Literal["naive", "absorbed"]
 ATTENTION_PATHS: tuple[str, ...] = ("naive", "absorbed")
-DecodeBackend = Literal["auto", "torch", "triton"]
-DECODE_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -194,7 +193,7 @@ class MultiHeadLatentAttention(nn.Module):
         cache: LatentCache | None = None,
         *,
         path: AttentionPath = "naive",
-        backend: DecodeBackend = "auto",
+        backend: Backend = "auto",
     ) -> torch.Tensor:
         """Causal MLA over the cached tokens and the s new ones.
 
@@ -202,11 +201,11 @@ class MultiHeadLatentAttention(nn.Module):
         appended and the queries sit at positions t_cached … t_cached + s - 1.
 
         ``backend`` picks who runs an absorbed decode step (s = 1): "triton" the flash-decoding
-        kernel of ``mla_ref.kernels``, "torch" the PyTorch code below, "auto" Triton on CUDA tensors
-        and PyTorch elsewhere.  Prefill (s > 1) and the naive path always run in PyTorch.
+        kernel, "torch" the PyTorch reference, "auto" Triton on CUDA tensors and PyTorch elsewhere —
+        ``mla_ref.kernels.mla_decode`` decides.  Prefill (s > 1) and the naive path always run in PyTorch.
         """
         require_choice("path", path, ATTENTION_PATHS)
-        require_choice("backend", backend, DECODE_BACKENDS)
+        require_choice("backend", backend, BACKENDS)
         if backend == "triton" and path != "absorbed":
             raise ValueError("backend 'triton' runs the absorbed path only; pass path='absorbed' or backend='torch'")
         d_n, d_r, d_c = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
@@ -244,16 +243,13 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, s, d_N + d_R)
         return grouped_attention(q, k, v, scale=self.softmax_scale, q_offset=offset)
 
-    def _attend_absorbed(self, q_nope, q_rope, rows, offset, backend="torch") -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_rope, rows, offset, backend: Backend) -> torch.Tensor:
         """Attend over the latent rows directly (MQA with one K and one V head)."""
         d_c = self.kv_lora_rank
         # q_i^latent = q_i^N W_UK^i   (n_h small matmuls, once per new token)
         q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, self.key_up_proj())  # (b, h, s, d_c)
         q_absorbed = torch.cat([q_latent, q_rope], dim=-1)  # (b, h, s, d_c + d_R)
-        single_step = q_absorbed.shape[2] == 1
-        if single_step and (backend == "triton" or (backend == "auto" and rows.is_cuda)):
-            from mla_ref.kernels import mla_decode  # imported on use: triton is optional
-
+        if q_absorbed.shape[2] == 1:  # a decode step: mla_decode runs it on the backend asked for
             # A decode step sees every cached row, so each sequence's length is t.
             lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.int32, device=rows.device)
             out_latent, _ = mla_decode(

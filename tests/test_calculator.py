@@ -25,11 +25,11 @@ from mla_ref.calculator import (
     format_table,
     gqa_elements_per_token_per_layer,
     load_model_shape,
-    main,
     mha_equivalent_elements_per_token_per_layer,
     mla_elements_per_token_per_layer,
     report,
 )
+from mla_ref.cli.kv_cache import main
 
 # bf16 bytes per token over all layers, worked out by hand from each published config.json.
 HAND_COMPUTED_BF16_BYTES_PER_TOKEN = {

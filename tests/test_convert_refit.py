@@ -6,6 +6,7 @@ import torch
 
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert import gqa_to_mla_exact, recipe_convert, refit_output_proj, transmla_convert
+from mla_ref.rope import inverse_frequencies
 
 D_MODEL = 32
 
@@ -72,11 +73,18 @@ def test_bad_input_is_refused(call, message):
         call(source, converted, x)
 
 
-def test_recipe_is_transmla_with_rotation_budget_and_score_metric_then_refit():
+def test_recipe_is_transmla_with_one_component_per_frequency_and_score_metric_then_refit():
     source, x = _source(), _inputs()
     recipe = recipe_convert(source, x, kv_lora_rank=6, rope_dim=4)
-    steps = transmla_convert(source, x, kv_lora_rank=6, rope_dim=4, rope_budget="rotation", metric="score")
+    steps = transmla_convert(source, x, kv_lora_rank=6, rope_dim=4, rope_budget="uniform", metric="score")
     by_hand = refit_output_proj(steps, source, x)
     for name, tensor in recipe.state_dict().items():
         torch.testing.assert_close(tensor, by_hand.state_dict()[name], rtol=0, atol=0)
     assert recipe.cache_elements_per_token() == 6 + 4
+    # the roped components turn with the d_R/2 highest source frequencies: a standard table
+    torch.testing.assert_close(
+        torch.tensor(recipe.rope_frequencies, dtype=torch.float64).sort(descending=True).values,
+        inverse_frequencies(source.head_dim, source.rope_theta)[:2].double(),
+        rtol=1e-6,
+        atol=0,
+    )

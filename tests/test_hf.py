@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mla_ref import checkpoint
+from mla_ref.cli.convert import convert_command, export_command
+from mla_ref.cli.lab import evaluate_command
 from mla_ref.hf import (
     ConvertOptions,
     convert_checkpoint,
@@ -35,11 +37,10 @@ from mla_ref.hf import (
     stock_mla,
     text_tokens,
 )
-from mla_ref.hf.cli import convert_command, export_command
 from mla_ref.hf.stock import input_bound, standard_table
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
-from mla_ref.train import TEACHERS_DIR, evaluate_command
+from mla_ref.train import TEACHERS_DIR
 
 try:
     import transformers
@@ -340,19 +341,20 @@ def test_mla_ref_format_holds_a_biased_source(tmp_path, calib_dir):
     torch.testing.assert_close(_logits(converted_model, tokens), _logits(reference, tokens), **FP32)
 
 
-def test_refit_brings_a_lossy_conversion_closer_to_its_source(llama_dir, calib_dir, tmp_path):
-    """transmla at a quarter of the cache, with and without the least-squares o_proj (refit_output_proj)."""
+def test_recipe_is_closer_to_its_source_than_transmla_as_published(llama_dir, calib_dir, tmp_path):
+    """At a quarter of the cache, the recipe (rotation budget, score metric, output refit) beats TransMLA as published."""
     kl = {}
-    for refit in (True, False):
-        options = _small_options(calib_dir=str(calib_dir), method="transmla", kv_lora_rank=8, rope_dim=8, refit=refit)
-        report = convert_checkpoint(llama_dir, tmp_path / f"out-{refit}", options)
-        assert report.options["refit"] is refit
-        kl[refit] = report.quality["converted (mla-ref form)"].kl_to_source
-    assert kl[True] < kl[False], kl
+    for method in ("transmla", "recipe"):
+        options = _small_options(calib_dir=str(calib_dir), method=method, kv_lora_rank=8, rope_dim=8)
+        report = convert_checkpoint(llama_dir, tmp_path / method, options)
+        assert report.options["method"] == method
+        assert f"method `{method}`: {report.method_title}" in (tmp_path / method / "CONVERSION.md").read_text()
+        kl[method] = report.quality["converted (mla-ref form)"].kl_to_source
+    assert kl["recipe"] < kl["transmla"], kl
 
 
 def test_mla_ref_checkpoint_is_a_source_too(llama_dir, calib_dir, tmp_path, capsys):
-    from mla_ref.calculator import main as kv_cache
+    from mla_ref.cli.kv_cache import main as kv_cache
 
     source = llama_dir.parent / "ckpt"  # the mla_ref checkpoint the Llama directory was exported from
     report = convert_checkpoint(source, tmp_path / "out", _small_options(calib_dir=str(calib_dir), format="mla-ref"))
@@ -501,7 +503,7 @@ def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path,
 
 # ---- eval and kv-cache on the written directories ------------------------------------------------------------------
 def test_eval_and_kv_cache_read_every_layout(llama_dir, calib_dir, tmp_path, capsys):
-    from mla_ref.calculator import main as kv_cache
+    from mla_ref.cli.kv_cache import main as kv_cache
 
     out = tmp_path / "ds"
     assert convert_command([str(llama_dir), str(out), "--method", "transmla", "--calib-dir", str(calib_dir), "--calib-tokens", "256", "--eval-tokens", "0", "--seq-len", "32", "--quiet"]) == 0  # fmt: skip

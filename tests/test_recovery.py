@@ -11,15 +11,15 @@ from hypothesis import strategies as st
 
 from mla_ref.convert import gqa_to_mla_exact, transmla_convert
 from mla_ref.convert.model import convert_model
-from mla_ref.convert.recovery import (
+from mla_ref.data import load_corpus, validation_windows
+from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.recovery import (
     budget_steps,
     pretraining_tokens,
     recover,
     recovery_config,
     teacher_divergence,
 )
-from mla_ref.data import load_corpus, validation_windows
-from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.train import TEACHERS_DIR, TrainConfig, evaluate, read_record, train
 
 SEQ = 32  # bytes per window in these tests

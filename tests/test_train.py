@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mla_ref import checkpoint
+from mla_ref.cli.lab import evaluate_command, train_teacher_command
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.train import (
@@ -15,12 +16,10 @@ from mla_ref.train import (
     TrainConfig,
     distillation_loss,
     evaluate,
-    evaluate_command,
     hidden_state_loss,
     learning_rate,
     read_record,
     train,
-    train_teacher_command,
 )
 
 TINY = dict(d_model=32, n_layers=1, n_heads=4, head_dim=8, mlp_hidden=64)

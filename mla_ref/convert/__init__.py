@@ -11,13 +11,16 @@
 - ``refit_output_proj``: after a lossy conversion, o_proj re-solved by least squares so the layer's output
   matches its source's on the calibration inputs (this project's addition); ``recipe_convert``: the project's
   training-free recipe (TransMLA with the rotation budget and score metric, then the refit).
-- ``recover``: a short fine-tune of a converted model (LM loss or distillation from its source), with the tokens
-  it used as a fraction of the source's pre-training (``pretraining_tokens``, ``budget_steps``).
+- ``METHODS`` / ``get_method``: the conversion methods by name (exact, transmla, mha2mla, recipe), each with
+  its steps, its sizing rule for a cache budget and its layer converter; every caller picks methods here.
+
+Recovery fine-tuning of a converted model is training, and lives in ``mla_ref.recovery``.
 """
 
 from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric, transmla_convert, transmla_parts
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.mean_pool import mean_pool_kv_heads
+from mla_ref.convert.methods import METHODS, Method, budget_elements, get_method
 from mla_ref.convert.partial_rope import (
     keep_top_pairs,
     pair_norm_scores,
@@ -26,25 +29,19 @@ from mla_ref.convert.partial_rope import (
     select_rotary_pairs,
 )
 from mla_ref.convert.parts import MLAParts, assemble_mla
-from mla_ref.convert.recovery import (
-    RecoveryResult,
-    budget_steps,
-    pretraining_tokens,
-    recover,
-    recovery_config,
-    teacher_divergence,
-)
 from mla_ref.convert.refit import recipe_convert, refit_output_proj
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts, select_rope_components
 from mla_ref.convert.svd_low_rank import mha2mla_convert, mha2mla_ranks, svd_low_rank_parts
 
 __all__ = [
+    "METHODS",
+    "Method",
+    "budget_elements",
+    "get_method",
     "MLAParts",
-    "RecoveryResult",
     "RotatedKeyBasis",
     "assemble_mla",
     "bkv_pca_parts",
-    "budget_steps",
     "gqa_to_mla_exact",
     "keep_top_pairs",
     "latent_metric",
@@ -56,15 +53,11 @@ __all__ = [
     "refit_output_proj",
     "pair_rotation_scores",
     "partial_rope_parts",
-    "pretraining_tokens",
-    "recover",
-    "recovery_config",
     "rorope_basis",
     "rorope_parts",
     "select_rope_components",
     "select_rotary_pairs",
     "svd_low_rank_parts",
-    "teacher_divergence",
     "transmla_convert",
     "transmla_parts",
 ]

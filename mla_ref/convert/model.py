@@ -23,21 +23,32 @@ from mla_ref.rope import inverse_frequencies
 LayerConverter = Callable[[nn.Module, "torch.Tensor | None"], MultiHeadLatentAttention]
 
 
-def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention]) -> ModelConfig:
+def mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention], *, rope_tables: bool = True) -> ModelConfig:
+    """The config of ``source`` with ``layers`` (converted MLA attention, one per block) in place of its attention.
+
+    Every layer must share the MLA sizes and flags.  ``rope_tables``: keep each layer's own rotary frequencies
+    (a layer without a table turns with the standard one of its θ); False: one standard table for the model,
+    θ of the first layer (a stock DeepSeek-V3 config).
+    """
     sizes = {(m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) for m in layers}
     if len(sizes) != 1:
         raise ValueError(f"every layer must convert to the same MLA sizes (d_c, d_N, d_R, d_v); got {sorted(sizes)}")
     (d_c, d_n, d_r, d_v) = sizes.pop()
-    flags = {(m.q_lora_rank, m.latent_norm, m.rope_layout) for m in layers}
+    flags = {(m.q_lora_rank, m.latent_norm, m.rope_layout, m.o_proj.bias is not None) for m in layers}
     if len(flags) != 1:
-        raise ValueError(f"every layer must share q_lora_rank, latent_norm and rope_layout; got {sorted(flags)}")
-    q_lora_rank, latent_norm, rope_layout = flags.pop()
-    tables = [m.rope_frequencies for m in layers]
-    if all(t is None for t in tables):
-        rope_frequencies = None
-    else:  # a layer without its own table rotates with the default one
-        default = inverse_frequencies(d_r, source.rope_theta).tolist() if d_r else []
-        rope_frequencies = [list(t) if t is not None else default for t in tables]
+        raise ValueError(
+            f"every layer must share q_lora_rank, latent_norm, rope_layout and biases; got {sorted(flags)}"
+        )
+    q_lora_rank, latent_norm, rope_layout, bias = flags.pop()
+    first = layers[0]
+    rope_frequencies = None
+    if rope_tables and any(m.rope_frequencies is not None for m in layers):
+        rope_frequencies = [
+            list(m.rope_frequencies)
+            if m.rope_frequencies is not None
+            else (inverse_frequencies(d_r, m.rope_theta).tolist() if d_r else [])
+            for m in layers
+        ]
     return dataclasses.replace(
         source,
         attention="mla",
@@ -49,8 +60,9 @@ def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention]) -> 
         q_lora_rank=q_lora_rank,
         latent_norm=latent_norm,
         rope_layout=rope_layout,
+        rope_theta=first.rope_theta,
         rope_frequencies=rope_frequencies,
-        attention_bias=False,
+        attention_bias=bias,
     )
 
 
@@ -70,7 +82,7 @@ def convert_model(
     converted = [
         convert_layer(layer.self_attn, None if inputs is None else inputs[i]) for i, layer in enumerate(model.layers)
     ]
-    target = TinyLM(_mla_config(model.config, converted)).to(model.lm_head.weight.device)
+    target = TinyLM(mla_config(model.config, converted)).to(model.lm_head.weight.device)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     for i, attention in enumerate(converted):
         state.update({f"layers.{i}.self_attn.{k}": v for k, v in attention.state_dict().items()})

@@ -84,8 +84,11 @@ def recipe_convert(
     freqfold: int = 1,
     ridge: float = 1e-4,
 ) -> MultiHeadLatentAttention:
-    """mla_ref's training-free recipe: TransMLA with the rotation-aware RoPE budget and the score metric for
-    BKV-PCA (lesson 06), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
+    """mla_ref's training-free recipe: RoRoPE (one roped component per frequency, TransMLA's uniform budget), BKV-PCA
+    with the score metric (lesson 06), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
+
+    With rope_dim ≤ d_h and freqfold 1 the roped components turn with the d_R/2 highest source frequencies: a
+    standard RoPE table, which a stock DeepSeek-V3 checkpoint reproduces exactly.
 
     Shapes: calibration_inputs (b, s, d_model).  ``source`` is not modified.
     """
@@ -95,7 +98,7 @@ def recipe_convert(
         kv_lora_rank=kv_lora_rank,
         rope_dim=rope_dim,
         freqfold=freqfold,
-        rope_budget="rotation",
+        rope_budget="uniform",
         metric="score",
     )
     return refit_output_proj(converted, source, calibration_inputs, ridge=ridge)

@@ -9,17 +9,18 @@
 - ``stock``: carrying a converted MLA layer into what stock DeepSeek-V3 computes (RoPE θ', latent RMSNorm).
 - ``report``: the converted models' logits against the source's, and CONVERSION.md.
 - ``convert``: a whole directory, layer by layer, with that report.
-- ``cli``: ``python -m mla_ref convert`` and ``python -m mla_ref export``; ``load_model`` for any directory.
+- ``serving``: whether a DeepSeek-V3 output fits the serving engines' MLA kernels; ``--profile engine``.
+- ``models``: ``load_model`` for any directory mla_ref reads, ``export_model`` to a Hugging Face layout.
 
 Reading and writing need only ``safetensors`` (and ``tokenizers`` for a ``tokenizer.json``); transformers is
 needed only to check the results.
 """
 
-from mla_ref.hf.cli import export_model, load_model
 from mla_ref.hf.convert import ConversionReport, ConvertOptions, convert_checkpoint
 from mla_ref.hf.deepseek import load_deepseek
 from mla_ref.hf.files import text_tokens
 from mla_ref.hf.llama import LlamaCheckpoint, llama3_frequencies, load_llama, model_config_from_hf
+from mla_ref.hf.models import export_model, load_model
 from mla_ref.hf.stock import fit_norm, fit_rope_theta, stock_mla
 
 __all__ = [

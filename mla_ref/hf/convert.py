@@ -43,20 +43,23 @@ with warnings.catch_warnings():
 
 from mla_ref import checkpoint
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
-from mla_ref.convert.refit import refit_output_proj
+from mla_ref.calculator import DTYPES
+from mla_ref.convert.methods import LOSSY_METHODS, METHODS
+from mla_ref.convert.model import mla_config
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config, deepseek_tensors
 from mla_ref.hf.files import (
-    TORCH_DTYPES,
     copy_carried_files,
     save_weights,
     staged_directory,
     text_tokens,
     write_json,
 )
-from mla_ref.hf.layers import METHODS, convert_layer, method_sizes
+from mla_ref.hf.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
+from mla_ref.hf.layers import convert_layer
 from mla_ref.hf.report import ConversionReport, Streams, describe_source
+from mla_ref.hf.serving import PROFILES, engine_sizes, serving_verdict
 from mla_ref.hf.sources import open_source
 from mla_ref.hf.stock import (
     DEEPSEEK_NORM_EPS,
@@ -80,26 +83,47 @@ FORMATS: tuple[str, ...] = ("deepseek-v3", "mla-ref")
 class ConvertOptions:
     """What ``convert_checkpoint`` does; the defaults are the command line's."""
 
-    method: str = "exact"
-    kv_lora_rank: int | None = None  # d_c (transmla / mha2mla); default: half the source's cache, less d_R
-    rope_dim: int | None = None  # d_R (transmla / mha2mla); default: the method's own
+    method: str | None = None  # a name in mla_ref.convert.METHODS; None: "recipe" when a size is given, else "exact"
+    budget: float | None = None  # fraction of the source's cache per token; sizes then follow the method's rule
+    kv_lora_rank: int | None = None  # d_c; default: from the budget (half the source's cache), less d_R
+    rope_dim: int | None = None  # d_R; default: the method's own rule
+    profile: str | None = None  # "engine": the 512 + 64 latent that vLLM's and SGLang's MLA kernels accept
     q_lora_rank: int | None = None  # low-rank query bottleneck, or None for a full q_proj
-    freqfold: int = 1  # TransMLA's FreqFold F
-    refit: bool = True  # after transmla / mha2mla, re-solve o_proj against the source layer (refit_output_proj)
-    norm: str = "gain"  # how an RMS-normalised bottleneck reproduces the exact map: "gain" or "anchor"
+    freqfold: int = 1  # TransMLA's FreqFold F (transmla, recipe)
+    norm: str | None = None  # stock DeepSeek-V3's latent RMSNorm: "anchor" (exact, one element more) or "gain";
+    # None: "anchor", or "gain" for --profile engine (the engines take no attention bias, which the anchor needs)
+    force: bool = False  # write a DeepSeek-V3 form that is materially worse than the conversion (and say so)
     format: str = "deepseek-v3"
     dtype: str | None = None  # fp32 / bf16 / fp16; None: the source's storage dtype
     calib_dir: str | None = None  # folder of text (None: the Python standard library)
     calib_tokens: int = 4096
-    eval_tokens: int = 4096  # 0 skips the quality report
+    eval_tokens: int = 4096  # 0 skips the quality report (the written form is still checked on calibration text)
     seq_len: int = 256
 
     def __post_init__(self):
-        require_choice("method", self.method, METHODS)
+        if self.norm is None:
+            self.norm = "gain" if self.profile is not None else "anchor"
+        if self.profile is not None:
+            require_choice("profile", self.profile, PROFILES)
+            if self.norm == "anchor":
+                raise ValueError(
+                    "--profile engine cannot use --norm anchor: the anchor is an attention bias, which the engines' "
+                    "MLA kernels do not accept"
+                )
+            if self.kv_lora_rank is not None or self.rope_dim is not None or self.budget is not None:
+                raise ValueError(
+                    "--profile engine chooses d_c and d_R itself: drop --kv-lora-rank, --rope-dim, --budget"
+                )
+            if self.format != "deepseek-v3":
+                raise ValueError(f"--profile engine needs --format deepseek-v3; got {self.format!r}")
+        sized = any(v is not None for v in (self.kv_lora_rank, self.rope_dim, self.budget, self.profile))
+        if self.method is None:
+            self.method = "recipe" if sized else "exact"
+        require_choice("method", self.method, tuple(METHODS))
         require_choice("format", self.format, FORMATS)
         require_choice("norm", self.norm, NORM_MODES)
         if self.dtype is not None:
-            require_choice("dtype", self.dtype, tuple(TORCH_DTYPES))
+            require_choice("dtype", self.dtype, tuple(DTYPES))
         for name in ("kv_lora_rank", "rope_dim", "q_lora_rank"):
             if getattr(self, name) is not None:
                 (require_non_negative_int if name == "rope_dim" else require_positive_int)(name, getattr(self, name))
@@ -107,13 +131,21 @@ class ConvertOptions:
         require_positive_int("calib_tokens", self.calib_tokens)
         require_non_negative_int("eval_tokens", self.eval_tokens)
         require_positive_int("seq_len", self.seq_len)
-        if self.method == "exact" and (self.kv_lora_rank is not None or self.rope_dim is not None):
+        if self.method == "exact" and sized:
             raise ValueError(
-                "method 'exact' keeps the source's cache (d_c = d_R = n_kv·d_h); --kv-lora-rank and --rope-dim "
-                "need --method transmla or mha2mla"
+                "method 'exact' keeps the source's cache (d_c = d_R = n_kv·d_h); --kv-lora-rank, --rope-dim, "
+                f"--budget and --profile need a lossy method: {', '.join(LOSSY_METHODS)}"
             )
-        if self.method != "transmla" and self.freqfold != 1:
-            raise ValueError(f"--freqfold is TransMLA's; got method {self.method!r}")
+        if self.freqfold != 1 and "freqfold" not in METHODS[self.method].options:
+            raise ValueError(f"--freqfold is TransMLA's (methods transmla, recipe); got method {self.method!r}")
+
+    def method_options(self) -> dict:
+        """The options of the chosen method's converter (e.g. TransMLA's freqfold)."""
+        return {"freqfold": self.freqfold} if "freqfold" in METHODS[self.method].options else {}
+
+    def reserved_elements(self) -> int:
+        """Cache elements per token the written form adds to d_c + d_R: the anchored latent coordinate."""
+        return 1 if self.format == "deepseek-v3" and self.norm == "anchor" else 0
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------
@@ -124,23 +156,7 @@ def _token_windows(directory: Path, data: torch.Tensor, vocab_size: int, n_token
 
 
 def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention], *, stock: bool) -> ModelConfig:
-    first = layers[0]
-    tables = None if stock else [layer_table(m).tolist() for m in layers]
-    return dataclasses.replace(
-        source,
-        attention="mla",
-        n_kv_heads=None,
-        kv_lora_rank=first.kv_lora_rank,
-        qk_nope_head_dim=first.qk_nope_head_dim,
-        qk_rope_head_dim=first.qk_rope_head_dim,
-        v_head_dim=first.v_head_dim,
-        q_lora_rank=first.q_lora_rank,
-        latent_norm=first.latent_norm,
-        rope_layout=first.rope_layout,
-        rope_theta=first.rope_theta,
-        rope_frequencies=tables,
-        attention_bias=first.o_proj.bias is not None,
-    )
+    return mla_config(source, layers, rope_tables=not stock)
 
 
 def _block_state(attention: torch.nn.Module, rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,6 +214,22 @@ class _Layers:
     bounds: list[float]  # input_bound of each layer's input norm
 
 
+def _layer_sizes(options: ConvertOptions, attention) -> dict:
+    """The method's sizes for one source layer (``Method.sizes``), the written form's anchor kept in budget."""
+    method = METHODS[options.method]
+    if options.profile is not None:
+        kv_lora_rank, rope_dim = engine_sizes(attention, reserve=options.reserved_elements())
+        return method.sizes(attention, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, **options.method_options())
+    return method.sizes(
+        attention,
+        budget=options.budget,
+        kv_lora_rank=options.kv_lora_rank,
+        rope_dim=options.rope_dim,
+        reserve=options.reserved_elements(),
+        **options.method_options(),
+    )
+
+
 @torch.no_grad()
 def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibration: int, quiet: bool):
     """Pass 1: run the source layer by layer on ``hidden`` (calibration windows first), converting each layer.
@@ -209,20 +241,12 @@ def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibratio
         block = source.block(i)
         calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
         bound = input_bound(block.input_layernorm.weight)
-        sizes = method_sizes(
-            options.method,
-            block.self_attn,
-            kv_lora_rank=options.kv_lora_rank,
-            rope_dim=options.rope_dim,
-            freqfold=options.freqfold,
-        )
+        sizes = _layer_sizes(options, block.self_attn)
         with _one_thread():
             module = convert_layer(block.self_attn, calibration_inputs, options.method, sizes)
             if options.q_lora_rank is not None:
                 rank = options.q_lora_rank
                 module = low_rank_query(module, calibration_inputs, rank, mode=options.norm, bound=bound)
-            if options.refit and options.method != "exact":  # exact has nothing to correct
-                module = refit_output_proj(module, block.self_attn, calibration_inputs)
             if options.format == "deepseek-v3":
                 d_c, down = module.kv_lora_rank, module.kv_a_proj_with_mqa
                 latent = down(calibration_inputs)[..., :d_c].flatten(0, 1)  # (T, d_c), before any norm
@@ -240,10 +264,11 @@ def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibratio
 
 
 @torch.no_grad()
-def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit, streams, quiet: bool) -> list:
+def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit, all_streams, quiet: bool) -> list:
     """Pass 2: bring each layer into its written form and run the evaluation streams through it.
 
-    Returns the written attention modules (exact form for mla-ref, stock form for DeepSeek-V3), at ``dtype``;
+    Every ``Streams`` of ``all_streams`` is carried through the layer in both forms.  Returns the written
+    attention modules (exact form for mla-ref, stock form for DeepSeek-V3), at ``dtype``;
     ``kept.attention`` is emptied as it goes, so one copy of the model is held.
     """
     stock = options.format == "deepseek-v3"
@@ -260,16 +285,16 @@ def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit,
                 exact, theta=rope_fit.theta, mode=options.norm, fit=kept.fits[i], bound=kept.bounds[i], bias=stock_bias
             )
             layer = _rounded(layer, dtype)  # evaluated as it will be stored
-        if streams is not None:
-            name = "converted (mla-ref form)"
-            block = block_from_state(exact_config, i, _block_state(exact, rest))
-            streams.hidden[name] = block(streams.hidden[name])
+        exact_block = block_from_state(exact_config, i, _block_state(exact, rest))
+        if stock:
+            stock_config = _mla_config(config, [layer], stock=True)
+            stock_block = block_from_state(
+                stock_config, i, _block_state(layer, rest), latent_norm_eps=DEEPSEEK_NORM_EPS
+            )
+        for streams in all_streams:
+            streams.hidden[REFERENCE_FORM] = exact_block(streams.hidden[REFERENCE_FORM])
             if stock:
-                name = "as written (DeepSeek-V3)"
-                stock_config = _mla_config(config, [layer], stock=True)
-                state = _block_state(layer, rest)
-                block = block_from_state(stock_config, i, state, latent_norm_eps=DEEPSEEK_NORM_EPS)
-                streams.hidden[name] = block(streams.hidden[name])
+                streams.hidden[WRITTEN_FORM] = stock_block(streams.hidden[WRITTEN_FORM])
         written.append(layer.to(dtype))
         del exact, rest, layer
         _release_freed_memory()
@@ -298,13 +323,16 @@ def convert_checkpoint(
     if output.exists() and not overwrite:
         raise ValueError(f"output directory {str(output)!r} already exists; pass --overwrite to replace it")
     _check_output_options(options, config)
-    dtype = TORCH_DTYPES[options.dtype] if options.dtype else source.storage_dtype()
-    dtype = dtype if dtype in TORCH_DTYPES.values() else torch.float32
+    dtype = DTYPES[options.dtype] if options.dtype else source.storage_dtype()
+    dtype = dtype if dtype in DTYPES.values() else torch.float32
     stock = options.format == "deepseek-v3"
 
     # calibration windows (train split) and evaluation windows (validation split), as token ids
     corpus = load_corpus(options.calib_dir)
     calibration = _token_windows(source.root, corpus.train, config.vocab_size, options.calib_tokens, options.seq_len)
+    # the written form is checked against the conversion on (up to) the first GUARD_TOKENS calibration tokens
+    n_guard = max(1, GUARD_TOKENS // options.seq_len)  # windows
+    guard = Streams(calibration[:n_guard, :-1], calibration[:n_guard, 1:])
     calibration = calibration[:, :-1]  # (n_c, s): inputs only
     streams = None
     if options.eval_tokens:
@@ -320,14 +348,23 @@ def convert_checkpoint(
     if stock:  # the one RoPE table of the DeepSeek-V3 config
         hint = config.rope_theta ** (kept.attention[0].qk_rope_head_dim / config.head_dim)
         rope_fit = fit_rope_theta([layer_table(m) for m in kept.attention], options.seq_len, hint=hint)
+    all_streams = [(guard, hidden[: len(guard.inputs)])]
     if streams is not None:
-        streams.hidden["source"] = hidden[len(calibration) :]
-        streams.hidden["converted (mla-ref form)"] = F.embedding(streams.inputs, embed).float()
+        all_streams.append((streams, hidden[len(calibration) :]))
+    for each, source_hidden in all_streams:
+        each.hidden["source"] = source_hidden
+        each.hidden[REFERENCE_FORM] = F.embedding(each.inputs, embed).float()
         if stock:
-            streams.hidden["as written (DeepSeek-V3)"] = streams.hidden["converted (mla-ref form)"].clone()
+            each.hidden[WRITTEN_FORM] = each.hidden[REFERENCE_FORM].clone()
     del hidden
-    written = _finish_layers(config, kept, options, dtype, rope_fit, streams, quiet)
+    written = _finish_layers(config, kept, options, dtype, rope_fit, [each for each, _ in all_streams], quiet)
     quality = {} if streams is None else streams.quality(final_norm, head, config.norm_eps)
+    guard_quality = guard.quality(final_norm, head, config.norm_eps)
+    warning = (
+        check_written_form(guard_quality, guard.targets.numel(), options.norm, rope_fit, force=options.force)
+        if stock
+        else None
+    )
     _release_freed_memory()
 
     out_config = _mla_config(config, written, stock=stock)
@@ -346,6 +383,9 @@ def convert_checkpoint(
         command=command or f"convert_checkpoint({str(source_dir)!r}, {str(output_dir)!r})",
         options={**dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch.")},
         source_description=describe_source(source),
+        method_title=METHODS[options.method].title,
+        method_steps=METHODS[options.method].steps,
+        serving=serving_verdict(out_config) if stock else None,
         mla_sizes={
             "d_c": written[0].kv_lora_rank,
             "d_R": written[0].qk_rope_head_dim,
@@ -363,6 +403,7 @@ def convert_checkpoint(
         rope=None if rope_fit is None else dataclasses.asdict(rope_fit),
         norm_errors=None if not fits else {k: sum(f.errors[k] for f in fits) / len(fits) for k in fits[0].errors},
         quality=quality,
+        warning=warning,
         evaluation=""
         if streams is None
         else f"{streams.targets.numel():,} tokens of the validation split of {corpus.root}, windows of {options.seq_len}",

