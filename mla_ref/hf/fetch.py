@@ -417,7 +417,7 @@ def measure(directory: str | os.PathLike, *, corpus: str | os.PathLike | None = 
 def _model_card(entry: RealModel, summary: dict, measured: dict, facts: dict) -> str:
     config: ModelConfig = summary["config"]
     stored = [
-        f"- {GGUF_TYPES.get(kind, kind)} ({info['tensors']} tensors): {', '.join(info['kinds'])}"
+        f"- {GGUF_TYPES.get(kind, kind)} ({info['tensors']} tensor{'s' * (info['tensors'] != 1)}): {', '.join(info['kinds'])}"
         for kind, info in summary["stored_types"].items()
     ]
     quantized = sorted(kind for kind in summary["stored_types"] if kind not in UNQUANTIZED_TYPES)
