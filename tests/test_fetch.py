@@ -38,13 +38,12 @@ from mla_ref.hf import fetch  # noqa: E402
 from mla_ref.hf.fetch import (  # noqa: E402
     REAL_MODELS,
     RealModel,
-    convert_gguf,
     default_model_dir,
     fetch_model,
     fetched_problem,
     read_fetch_record,
-    unpermute_rows,
 )
+from mla_ref.hf.gguf import convert_gguf, unpermute_rows  # noqa: E402
 from mla_ref.hf.llama import load_llama  # noqa: E402
 from mla_ref.rope import convert_layout  # noqa: E402
 

@@ -17,7 +17,7 @@ from mla_ref import checkpoint
 from mla_ref._checks import require_positive_int
 from mla_ref.cli.common import Parser, run
 from mla_ref.data import Corpus, load_corpus, validation_windows
-from mla_ref.hf import load_model, text_tokens
+from mla_ref.hf.models import evaluate_directory
 from mla_ref.mla import ATTENTION_PATHS
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.records import record_section
@@ -207,9 +207,9 @@ def evaluate_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", choices=ATTENTION_PATHS, default="naive", help="MLA execution path")
 
     def action(args, _argv):
-        model = load_model(args.checkpoint)
-        tokens = text_tokens(args.checkpoint, load_corpus(args.corpus).val, model.config.vocab_size)
-        result = evaluate(model, validation_windows(tokens, args.seq_len, args.eval_tokens), path=args.path)
+        result, _, _ = evaluate_directory(
+            args.checkpoint, corpus=args.corpus, seq_len=args.seq_len, eval_tokens=args.eval_tokens, path=args.path
+        )
         unit = "token" if (Path(args.checkpoint) / "tokenizer.json").is_file() else "byte"
         print(
             f"{args.checkpoint}: {result.tokens:,} validation {unit}s, loss {result.loss:.4f} nats/{unit}, "
