@@ -472,8 +472,10 @@ def test_pickle_only_checkpoints_are_refused_without_unpickling(llama_dir, tmp_p
 def test_missing_directory_and_bad_options_are_refused(llama_dir, tmp_path, capsys):
     assert convert_command([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert convert_command([str(llama_dir), str(tmp_path / "out"), "--kv-lora-rank", "8"]) == 2
+    assert convert_command([str(llama_dir), str(tmp_path / "out"), "--method", "exact", "--kv-lora-rank", "8"]) == 2
     assert "method 'exact' keeps the source's cache" in capsys.readouterr().err
+    assert convert_command([str(llama_dir), str(tmp_path / "out"), "--budget", "1.5"]) == 2
+    assert "budget must be a fraction of the source's cache in (0, 1], got 1.5" in capsys.readouterr().err
     assert convert_command([str(llama_dir), str(tmp_path / "out"), "--method", "svd"]) == 2
     assert "invalid choice: 'svd'" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
