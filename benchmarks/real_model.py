@@ -4,8 +4,10 @@
     python benchmarks/real_model.py               # 50%, 25%, 12.5% of the cache; transmla, mha2mla, recipe
     python benchmarks/real_model.py --budgets 0.5 --methods recipe --eval-tokens 1024   # a quick look
 
-Each conversion is ``python -m mla_ref convert SRC OUT --method M --budget F`` in a process of its own (its wall
-time and peak resident memory are measured around it), writing a stock DeepSeek-V3 checkpoint.  That checkpoint is
+Each conversion is ``python -m mla_ref convert SRC OUT --method M --budget F --force`` in a process of its own (its
+wall time and peak resident memory are measured around it), writing a stock DeepSeek-V3 checkpoint.  ``--force``
+writes even a form the converter would refuse (its written form materially worse than the conversion itself): the
+table marks those, with the conversion's own perplexity on the code text from CONVERSION.md beside it.  That checkpoint is
 then loaded by ``transformers.AutoModelForCausalLM`` (``DeepseekV3ForCausalLM``, no code of ours) and compared with
 the source loaded the same way (``LlamaForCausalLM``) on two texts held out from calibration:
 
@@ -16,8 +18,7 @@ the source loaded the same way (``LlamaForCausalLM``) on two texts held out from
   Python (``pydoc_data.topics``), which the calibration windows do not include (checked).
 
 Per text: perplexity (and its ratio to the source's), and the mean KL(p_source ‖ p_model) per token.  Greedy
-samples of two prompts are printed side by side.  A conversion the converter refuses (its written form would be
-worse than the conversion itself) is reported as refused, with the reason.
+samples of two prompts are printed side by side.  ``exact`` runs once, at 100% of the cache.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class Row:
     perplexity: dict[str, float] = field(default_factory=dict)  # text -> perplexity
     kl: dict[str, float] = field(default_factory=dict)  # text -> KL to the source, nats/token
     samples: list[str] = field(default_factory=list)
-    refused: str | None = None
+    refused: str | None = None  # why the converter would have refused the written form (written with --force)
+    reference_code_ppl: float | None = None  # the conversion itself (mla-ref form) on the converter's code slice
+    written_code_ppl: float | None = None  # the written form, same slice (the converter's own report)
 
 
 def text_windows(directory: Path, text: str, n_tokens: int) -> torch.Tensor:
@@ -85,24 +88,44 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def convert(source: Path, out: Path, method: str, budget: float, calib_tokens: int, threads: int) -> dict:
-    """Run the converter in its own process; its wall time, peak RSS, and the error line if it refused."""
-    command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--method", method]
-    command += ["--calib-tokens", str(calib_tokens), "--eval-tokens", "0", "--quiet"]
+def convert(source: Path, out: Path, method: str, budget: float, args) -> dict:
+    """Run the converter in its own process (``--force``): wall time, peak RSS and its CONVERSION.md record."""
+    from mla_ref.records import read_record
+
+    command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--method", method, "--force"]
+    command += ["--calib-tokens", str(args.calib_tokens), "--eval-tokens", str(args.eval_tokens), "--quiet"]
     if method != "exact":
         command += ["--budget", str(budget)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, env=env)
     _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    error = process.stderr.read().strip().splitlines()
-    process.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed")
     return {
-        "seconds": seconds,
+        "seconds": time.perf_counter() - start,
         "peak_mib": usage.ru_maxrss / 1024,
-        "refused": None if os.waitstatus_to_exitcode(status) == 0 else (error[-1] if error else "failed"),
+        "record": read_record(out / "CONVERSION.md"),
     }
+
+
+def measure_cell(source_dir: Path, out: Path, method: str, budget: float, windows, reference, tokenizer, args) -> Row:
+    """Convert (in a child process), load the written checkpoint in stock transformers, and measure it."""
+    row = Row(method, budget)
+    measured = convert(source_dir, out, method, budget, args)
+    record = measured["record"]
+    row.seconds, row.peak_mib, row.refused = measured["seconds"], measured["peak_mib"], record["warning"]
+    row.reference_code_ppl = record["quality"]["converted (mla-ref form)"]["perplexity"]
+    row.written_code_ppl = record["quality"]["as written (DeepSeek-V3)"]["perplexity"]
+    config = json.loads((out / "config.json").read_text())
+    row.elements = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    model = load(out)
+    for text, w in windows.items():
+        row.perplexity[text], row.kl[text] = compare(reference[text], log_probs(model, w), w)
+    row.samples = [greedy(model, tokenizer, p) for p in PROMPTS] if args.samples else []
+    del model
+    shutil.rmtree(out)
+    return row
 
 
 def load(directory: Path):
@@ -129,21 +152,28 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
     lines += [f"- {name}: {description}" for name, description in texts.items()]
     lines += [
         "",
-        "| method | budget | cache elements (written) | code ppl | × source | KL code | prose ppl | × source | "
-        "KL prose | convert s | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| source | 100% | 384 | {source['code']:.3f} | 1.00× | 0 | {source['prose']:.3f} | 1.00× | 0 | | |",
+        "Every cell is written in stock DeepSeek-V3 form and measured by stock transformers. Where the converter "
+        "would refuse that form (it is materially worse than the conversion itself) it was written with `--force`: "
+        "the row says *refused*, and the last column gives the conversion itself (the mla-ref form) on the "
+        "converter's own code slice beside the written form on that slice.",
+        "",
+        "| method | cache | elements as written | code ppl | × source | KL code | prose ppl | × source | "
+        "KL prose | converter: conversion / written (code) | convert s | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        f"| source | 100% | 384 | {source['code']:.3f} | 1.00× | 0 | {source['prose']:.3f} | 1.00× | 0 | | | |",
     ]
     for row in rows:
-        if row.refused:
-            lines.append(f"| {row.method} | {row.budget:.1%} | refused | {row.refused} | | | | | | | |")
-            continue
-        cells = [row.method, f"{row.budget:.1%}", str(row.elements)]
+        cells = [row.method + (" (*refused*)" if row.refused else ""), f"{row.budget:.1%}", str(row.elements)]
         for text in ("code", "prose"):
             ppl = row.perplexity[text]
             cells += [f"{ppl:.3f}", f"{ppl / source[text]:.2f}×", f"{row.kl[text]:.3f}"]
+        cells += [f"{row.reference_code_ppl:.3f} / {row.written_code_ppl:.3f}"]
         cells += [f"{row.seconds:.0f}", f"{row.peak_mib:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    refused = [row for row in rows if row.refused]
+    if refused:
+        lines += ["", "Why the converter refuses the written form:", ""]
+        lines += [f"- {row.method} {row.budget:.1%}: {row.refused}" for row in refused]
     lines += ["", "## Greedy samples", ""]
     for i, prompt in enumerate(PROMPTS):
         lines += [f"Prompt `{prompt}`:", "", "| model | continuation |", "|---|---|"]
@@ -184,9 +214,8 @@ def plot(rows: list[Row], source: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mla_ref.hf.fetch import default_model_dir
-
     from mla_ref.data import load_corpus
+    from mla_ref.hf.fetch import default_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
@@ -235,23 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="real_model_"))
     try:
-        for budget in (float(b) for b in args.budgets.split(",")):
-            for method in args.methods.split(","):
-                row = Row(method, budget)
-                out = work / f"{method}-{budget}"
-                measured = convert(source_dir, out, method, budget, args.calib_tokens, args.threads)
-                row.seconds, row.peak_mib, row.refused = measured["seconds"], measured["peak_mib"], measured["refused"]
-                if not row.refused:
-                    config = json.loads((out / "config.json").read_text())
-                    row.elements = config["kv_lora_rank"] + config["qk_rope_head_dim"]
-                    model = load(out)
-                    for text, w in windows.items():
-                        row.perplexity[text], row.kl[text] = compare(reference[text], log_probs(model, w), w)
-                    row.samples = [greedy(model, tokenizer, p) for p in PROMPTS] if args.samples else []
-                    del model
-                    shutil.rmtree(out)
-                rows.append(row)
-                print(row, flush=True)
+        cells = [(1.0, "exact")] if "exact" in args.methods.split(",") else []
+        cells += [(float(b), m) for b in args.budgets.split(",") for m in args.methods.split(",") if m != "exact"]
+        for budget, method in cells:
+            rows.append(
+                measure_cell(
+                    source_dir, work / f"{method}-{budget}", method, budget, windows, reference, tokenizer, args
+                )
+            )
+            print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)

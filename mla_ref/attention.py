@@ -1,11 +1,11 @@
 """The grouped-query attention family: MHA and MQA are GQA with n_kv = n_h and n_kv = 1.
 
-For query head i (of n_h) reading KV head g = ⌊i / m⌋ (of n_kv; group size m = n_h / n_kv):
+For query head i (of n_h) reading KV head κ = ⌊i / g⌋ (of n_kv; group size g = n_h / n_kv):
 
-    q_i = x W_Q^i,  k_g = x W_K^g,  v_g = x W_V^g                (RoPE on q_i and k_g)
-    o   = Σ_i softmax(q_i K_gᵀ / √d_h) V_g W_O^i
+    q_i = x W_Q^i,  k_κ = x W_K^κ,  v_κ = x W_V^κ                (RoPE on q_i and k_κ)
+    o   = Σ_i softmax(q_i K_κᵀ / √d_h) V_κ W_O^i
 
-The cache stores k_g and v_g for the n_kv heads: 2 · n_kv · d_h elements per token
+The cache stores k_κ and v_κ for the n_kv heads: 2 · n_kv · d_h elements per token
 per layer.  Query heads are grouped in the einsum, so the repeated K/V copies that
 ``repeat_kv`` would make are never built.
 
@@ -37,28 +37,29 @@ def grouped_attention(
 ) -> torch.Tensor:
     """Softmax attention where query heads share KV heads in groups.
 
-    Shapes: q (b, h, s, d_qk); k (b, g, t, d_qk); v (b, g, t, d_v) with h divisible
-    by g.  Returns (b, h, s, d_v) in q's dtype.
+    Shapes: q (b, h, s, d_qk); k (b, n_kv, t, d_qk); v (b, n_kv, t, d_v) with h divisible
+    by n_kv: query head i reads KV head ⌊i/g⌋, g = h / n_kv the group size.  Returns (b, h, s, d_v) in q's dtype.
 
     Query j sits at absolute position ``q_offset + j`` and key n at position n, so
     with ``causal`` the mask keeps n ≤ q_offset + j — the same result whether a
     prompt arrives in one piece or in chunks.  The softmax runs in fp32 whatever
-    the input dtype.  MLA's absorbed path calls this with g = 1 (MQA over the latent).
+    the input dtype.  MLA's absorbed path calls this with n_kv = 1 (MQA over the latent).
     """
     b, h, s, _ = q.shape
-    g, t = k.shape[1], k.shape[2]
-    if h % g != 0:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({g})")
-    q_grouped = rearrange(q, "b (g m) s d -> b g m s d", g=g)  # (b, g, m, s, d_qk)
-    # score[b,g,m,s,t] = q · k / √d   (computed in fp32)
-    scores = torch.einsum("bgmsd,bgtd->bgmst", q_grouped.float(), k.float()) * scale
+    n_kv, t = k.shape[1], k.shape[2]
+    if h % n_kv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({n_kv})")
+    # letters: k the KV head, g the query head's place within its group of g = h / n_kv
+    q_grouped = rearrange(q, "b (k g) s d -> b k g s d", k=n_kv)  # (b, n_kv, g, s, d_qk)
+    # score[b,k,g,s,t] = q · k / √d   (computed in fp32)
+    scores = torch.einsum("bkgsd,bktd->bkgst", q_grouped.float(), k.float()) * scale
     if causal:
         query_pos = torch.arange(s, device=q.device)[:, None] + q_offset  # (s, 1)
         key_pos = torch.arange(t, device=q.device)[None, :]  # (1, t)
         scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)  # (b, g, m, s, t) fp32
-    out = torch.einsum("bgmst,bgtd->bgmsd", probs, v.float())  # (b, g, m, s, d_v)
-    return rearrange(out, "b g m s d -> b (g m) s d").to(q.dtype)
+    probs = torch.softmax(scores, dim=-1)  # (b, n_kv, g, s, t) fp32
+    out = torch.einsum("bkgst,bktd->bkgsd", probs, v.float())  # (b, n_kv, g, s, d_v)
+    return rearrange(out, "b k g s d -> b (k g) s d").to(q.dtype)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -118,7 +119,7 @@ class GroupedQueryAttention(nn.Module):
 
     @property
     def group_size(self) -> int:
-        """m = n_h / n_kv query heads per KV head."""
+        """g = n_h / n_kv query heads per KV head."""
         return self.n_heads // self.n_kv_heads
 
     def cache_elements_per_token(self) -> int:
@@ -139,8 +140,8 @@ class GroupedQueryAttention(nn.Module):
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         rope = dict(theta=self.rope_theta, layout=self.rope_layout, inv_freq=rope_inv_freq(self.rope_frequencies))
         q = rearrange(self.q_proj(x), "b s (h d) -> b h s d", h=self.n_heads)  # (b, n_h, s, d_h)
-        k = rearrange(self.k_proj(x), "b s (g d) -> b g s d", g=self.n_kv_heads)  # (b, n_kv, s, d_h)
-        v = rearrange(self.v_proj(x), "b s (g d) -> b g s d", g=self.n_kv_heads)  # (b, n_kv, s, d_h)
+        k = rearrange(self.k_proj(x), "b s (k d) -> b k s d", k=self.n_kv_heads)  # (b, n_kv, s, d_h)
+        v = rearrange(self.v_proj(x), "b s (k d) -> b k s d", k=self.n_kv_heads)  # (b, n_kv, s, d_h)
         q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
         if cache is not None:
             k, v = cache.append(k, v)  # (b, n_kv, t, d_h) each

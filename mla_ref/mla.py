@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (DeepSeek-V2 §2.1), with naive and absorbed paths.
 
-Per token x (DeepSeek-V2 eqs. 9–10 and 12–19; d_N = qk_nope_head_dim, d_R =
+Per token x (DeepSeek-V2 eqs. 9–19; d_N = qk_nope_head_dim, d_R =
 qk_rope_head_dim, d_c = kv_lora_rank):
 
     c         = RMSNorm(x W_DKV)                     latent, d_c       (cached)
@@ -147,12 +147,12 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ---- the up-projections and their absorbed forms ------------------------------------
     def key_up_proj(self) -> torch.Tensor:
-        """W_UK as (n_h, d_N, d_c): k_i^N = W_UK[i] @ c."""
+        """Entry i is W_UK^iᵀ, (n_h, d_N, d_c) in nn.Linear's orientation: k_i^N = c W_UK^i = (entry i) @ c."""
         w = rearrange(self.kv_b_proj.weight, "(h e) c -> h e c", h=self.n_heads)
         return w[:, : self.qk_nope_head_dim]
 
     def value_up_proj(self) -> torch.Tensor:
-        """W_UV as (n_h, d_v, d_c): v_i = W_UV[i] @ c."""
+        """Entry i is W_UV^iᵀ, (n_h, d_v, d_c) in nn.Linear's orientation: v_i = c W_UV^i = (entry i) @ c."""
         w = rearrange(self.kv_b_proj.weight, "(h e) c -> h e c", h=self.n_heads)
         return w[:, self.qk_nope_head_dim :]
 
@@ -166,15 +166,19 @@ class MultiHeadLatentAttention(nn.Module):
         return w[:, : self.qk_nope_head_dim]
 
     def absorbed_query_proj(self) -> torch.Tensor:
-        """W_UK absorbed into the query: (n_h, d_c, d_in), so q_i^latent = M[i] @ x.
+        """W_UK absorbed into the query: (n_h, d_c, d_in) in nn.Linear's orientation, so q_i^latent = M[i] @ x.
 
-        q_i^N · k_i^N = (W_Q^N[i] x) · (W_UK[i] c) = (W_UK[i]ᵀ W_Q^N[i] x) · c.
+        In row vectors: q_i^N · k_i^N = (x W_Q^{N,i}) · (c W_UK^i) = (x W_Q^{N,i} W_UK^iᵀ) · c, and entry i is
+        (W_Q^{N,i} W_UK^iᵀ)ᵀ.
         (Ignores a query bias, which absorbs the same way.)
         """
         return torch.einsum("hdc,hdi->hci", self.key_up_proj(), self.query_nope_proj())
 
     def absorbed_output_proj(self) -> torch.Tensor:
-        """W_UV absorbed into W_O: (n_h, d_model, d_c), so o = Σ_i M[i] @ ō_i^latent."""
+        """W_UV absorbed into W_O: (n_h, d_model, d_c) in nn.Linear's orientation, so o = Σ_i M[i] @ ō_i^latent.
+
+        In row vectors: o = Σ_i (ō_i^latent W_UV^i) W_O^i, and entry i is (W_UV^i W_O^i)ᵀ.
+        """
         w_o = rearrange(self.o_proj.weight, "m (h d) -> h m d", h=self.n_heads)  # (n_h, d_model, d_v)
         return torch.einsum("hmd,hdc->hmc", w_o, self.value_up_proj())
 

@@ -14,10 +14,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float) -> None:
+def check_close(name: str, actual, expected, *, rtol: float, atol: float) -> None:
     """Raise unless |actual − expected| ≤ atol + rtol·|expected| everywhere (``torch.testing.assert_close``);
-    otherwise print ``{name}: match: True``.  The tolerance is always explicit: say why next to each call."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    otherwise print ``{name}: match: True``.  Tensors or plain numbers; the tolerance is always explicit: say why
+    next to each call."""
+    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=rtol, atol=atol)
     print(f"{name}: match: True")
 
 

@@ -12,12 +12,7 @@ from mla_ref.model import ModelConfig, TinyLM
 TEACHERS = Path(__file__).resolve().parents[1] / "mla_ref" / "teachers"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.mark.parametrize("teacher", ["mha", "gqa"])

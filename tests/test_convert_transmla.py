@@ -89,13 +89,7 @@ def hidden_states(batch: int, seq: int, seed: int) -> torch.Tensor:
 layouts = st.sampled_from(["rotate_half", "interleaved"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Layers this small are dominated by per-operation overhead: one thread avoids thread hand-offs on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @given(n_kv=st.integers(1, 4), group=st.integers(1, 3), head_dim=st.sampled_from([2, 4, 8]), layout=layouts)

@@ -22,3 +22,10 @@ def test_check_far_raises_when_the_tensors_are_close():
     check_far("doubled", 2 * x, x, at_least=0.5)
     with pytest.raises(AssertionError, match="above 0.5"):
         check_far("same", x, x, at_least=0.5)
+
+
+def test_check_close_takes_plain_numbers(capsys):
+    check_close("loss", 2.7275, 2.72749, rtol=1e-4, atol=0)
+    assert capsys.readouterr().out == "loss: match: True\n"
+    with pytest.raises(AssertionError):
+        check_close("loss", 2.7, 2.8, rtol=1e-4, atol=0)

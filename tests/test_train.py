@@ -25,13 +25,7 @@ from mla_ref.train import (
 TINY = dict(d_model=32, n_layers=1, n_heads=4, head_dim=8, mlp_hidden=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are dominated by per-operation overhead: one thread avoids thread hand-offs on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture

@@ -11,16 +11,18 @@
 - ``refit_output_proj``: after a lossy conversion, o_proj re-solved by least squares so the layer's output
   matches its source's on the calibration inputs (this project's addition); ``recipe_convert``: the project's
   training-free recipe (TransMLA with the rotation budget and score metric, then the refit).
+- ``convert_model``: a whole TinyLM with each attention layer converted (``mla_config`` is its config).
 - ``METHODS`` / ``get_method``: the conversion methods by name (exact, transmla, mha2mla, recipe), each with
   its steps, its sizing rule for a cache budget and its layer converter; every caller picks methods here.
 
 Recovery fine-tuning of a converted model is training, and lives in ``mla_ref.recovery``.
 """
 
-from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric, transmla_convert, transmla_parts
+from mla_ref.convert.bkv_pca import bkv_pca_parts, key_value_balance, latent_metric, transmla_convert, transmla_parts
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.mean_pool import mean_pool_kv_heads
 from mla_ref.convert.methods import METHODS, Method, budget_elements, get_method
+from mla_ref.convert.model import convert_model, mla_config
 from mla_ref.convert.partial_rope import (
     keep_top_pairs,
     pair_norm_scores,
@@ -44,6 +46,9 @@ __all__ = [
     "bkv_pca_parts",
     "gqa_to_mla_exact",
     "keep_top_pairs",
+    "key_value_balance",
+    "convert_model",
+    "mla_config",
     "latent_metric",
     "mean_pool_kv_heads",
     "mha2mla_convert",

@@ -4,12 +4,12 @@ Start from the exact form (``exact.py``): the n_kv roped key heads together are 
 Pair j of every KV head turns with the same frequency ω_j, so an orthogonal n_kv × n_kv matrix U_j that
 mixes the heads' pairs j — the same matrix for coordinate a and coordinate b — commutes with RoPE:
 
-    k'_{c,j} = Σ_g U_j[g, c] k_{g,j}                  (component c of frequency j, a 2-vector)
-    RoPE_n(k'_{c,j}) = Σ_g U_j[g, c] RoPE_n(k_{g,j})   (a rotation of the plane acts on each 2-vector alike)
+    k'_{c,j} = Σ_κ U_j[κ, c] k_{κ,j}                  (component c of frequency j, a 2-vector; κ a KV head)
+    RoPE_n(k'_{c,j}) = Σ_κ U_j[κ, c] RoPE_n(k_{κ,j})   (a rotation of the plane acts on each 2-vector alike)
 
 Query head i, reading KV head g, meets the rotated key through q'_{i,c,j} = U_j[g, c] q_{i,j}:
 
-    Σ_c q'_{i,c,j} · k'_{c,j} = Σ_g' (Σ_c U_j[g, c] U_j[g', c]) q_{i,j} · k_{g',j} = q_{i,j} · k_{g,j}
+    Σ_c q'_{i,c,j} · k'_{c,j} = Σ_κ' (Σ_c U_j[κ, c] U_j[κ', c]) q_{i,j} · k_{κ',j} = q_{i,j} · k_{κ,j}
 
 so every score is unchanged, at every pair of positions (U_j orthogonal).  With U_j the eigenvectors of
 the second moment of the calibration keys (the a- and b-coordinates of T tokens as 2T samples of an
@@ -58,7 +58,7 @@ FOLD_FREQUENCIES: tuple[str, ...] = ("mean", "first", "loading")
 class RotatedKeyBasis:
     """The per-group orthogonal mixing of RoRoPE / FreqFold and what it found (G = d_h / (2F) groups).
 
-    mixing:       (G, C, C), C = F · n_kv.  Column c is component c; row p = f · n_kv + g is pair
+    mixing:       (G, C, C), C = F · n_kv.  Column c is component c; row p = f · n_kv + k is pair
                   j = G_index · F + f of KV head g.  Orthogonal; columns sorted by key energy.
     key_energy:   (G, C)  E‖k'_c‖² per token (the eigenvalues), descending within each group
     query_energy: (G, C)  mean over query heads i of E‖q'_{i,c}‖² per token
@@ -129,9 +129,9 @@ def default_rope_dim(head_dim: int) -> int:
 
 
 def _key_pool(source: GroupedQueryAttention, freqfold: int) -> torch.Tensor:
-    """The key weight rows grouped into pools: (G, F · n_kv, 2, D), pool row p = f · n_kv + g, fp64."""
+    """The key weight rows grouped into pools: (G, F · n_kv, 2, D), pool row p = f · n_kv + k (KV head k), fp64."""
     k_pairs = rotary_pairs(source.k_proj.weight.double(), source.n_kv_heads, source.head_dim, source.rope_layout)
-    return rearrange(k_pairs, "g (G f) e i -> G (f g) e i", f=freqfold)
+    return rearrange(k_pairs, "k (G f) e i -> G (f k) e i", f=freqfold)
 
 
 def _query_groups(source: GroupedQueryAttention, freqfold: int) -> torch.Tensor:
@@ -142,7 +142,7 @@ def _query_groups(source: GroupedQueryAttention, freqfold: int) -> torch.Tensor:
 
 def _mixing_per_head(mixing: torch.Tensor, source: GroupedQueryAttention) -> torch.Tensor:
     """U_G[(f, g_i), c] for every query head i: (G, C, C) -> (n_h, G, F, C)."""
-    by_head = rearrange(mixing, "G (f g) c -> g G f c", g=source.n_kv_heads)  # (n_kv, G, F, C)
+    by_head = rearrange(mixing, "G (f k) c -> k G f c", k=source.n_kv_heads)  # (n_kv, G, F, C)
     kv_head_of = torch.arange(source.n_heads, device=mixing.device) // source.group_size  # (n_h,)
     return by_head[kv_head_of]
 
@@ -167,9 +167,9 @@ def rorope_basis(
     mixing = eigenvectors.flip(-1)  # (G, C, C)
     # q'_{i,c} = Σ_f U[(f, g_i), c] q_{i,f}:  E‖q'_{i,c}‖² = u_cᵀ E[Σ_e q_e q_eᵀ] u_c over the group's F pairs
     query_groups = _query_groups(source, freqfold)  # (n_h, G, F, 2, D)
-    query_moment = torch.einsum("hGfei,ij,hGgej->hGfg", query_groups, x_moment, query_groups)  # (n_h, G, F, F)
+    query_moment = torch.einsum("hGfei,ij,hGuej->hGfu", query_groups, x_moment, query_groups)  # (n_h, G, F, F)
     head_mixing = _mixing_per_head(mixing, source)  # (n_h, G, F, C)
-    query_energy = torch.einsum("hGfc,hGfg,hGgc->hGc", head_mixing, query_moment, head_mixing).mean(0)  # (G, C)
+    query_energy = torch.einsum("hGfc,hGfu,hGuc->hGc", head_mixing, query_moment, head_mixing).mean(0)  # (G, C)
     frequencies = rearrange(source_frequencies(source).to(x.device), "(G f) -> G f", f=freqfold)  # (G, F)
     context_length = calibration_inputs.shape[1]
     return RotatedKeyBasis(mixing, key_energy, query_energy.clamp_min(0.0), frequencies, freqfold, context_length)
@@ -214,7 +214,7 @@ def component_frequencies(basis: RotatedKeyBasis, fold_frequency: str = "mean") 
 
     With F = 1 every component of group j turns with ω_j (exact).  With F > 1 (an approximation):
     ``"mean"`` the group's mean frequency, ``"first"`` its first (highest) frequency, ``"loading"`` each
-    component's own mean, weighted by how much of it lies on each frequency (Σ_g U[(f, g), c]²).
+    component's own mean, weighted by how much of it lies on each frequency (Σ_k U[(f, k), c]²).
     """
     require_choice("fold_frequency", fold_frequency, FOLD_FREQUENCIES)
     freqs = basis.frequencies  # (G, F)
@@ -223,8 +223,8 @@ def component_frequencies(basis: RotatedKeyBasis, fold_frequency: str = "mean") 
         return freqs.mean(-1, keepdim=True).expand(-1, pool).clone()
     if fold_frequency == "first":
         return freqs[:, :1].expand(-1, pool).clone()
-    # loading[G, f, c] = Σ_g U_G[(f, g), c]²  (Σ_f loading = 1: the columns are unit vectors)
-    loading = rearrange(basis.mixing**2, "G (f g) c -> G f g c", f=basis.freqfold).sum(2)  # (G, F, C)
+    # loading[G, f, c] = Σ_k U_G[(f, k), c]²  (Σ_f loading = 1: the columns are unit vectors)
+    loading = rearrange(basis.mixing**2, "G (f k) c -> G f k c", f=basis.freqfold).sum(2)  # (G, F, C)
     return torch.einsum("Gfc,Gf->Gc", loading, freqs)
 
 
