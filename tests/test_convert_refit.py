@@ -88,3 +88,13 @@ def test_recipe_is_transmla_with_one_component_per_frequency_and_score_metric_th
         rtol=1e-6,
         atol=0,
     )
+
+
+def test_too_few_calibration_tokens_for_the_refit_are_refused():
+    source = _source()
+    x = _inputs()[:1, :20]  # 20 tokens for h·d_v = 32 unknowns per output row
+    lossy = transmla_convert(source, _inputs(), kv_lora_rank=6, rope_dim=4)
+    with pytest.raises(
+        ValueError, match="solves for 32 weights per output .* from 20 calibration tokens; it needs at least 64"
+    ):
+        refit_output_proj(lossy, source, x)

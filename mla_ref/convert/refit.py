@@ -36,6 +36,9 @@ from mla_ref.convert.bkv_pca import transmla_convert
 from mla_ref.mla import MultiHeadLatentAttention
 
 
+REFIT_TOKENS_PER_WEIGHT = 2  # calibration tokens per unknown of one output row that the refit asks for
+
+
 @torch.no_grad()
 def refit_output_proj(
     converted: MultiHeadLatentAttention,
@@ -65,6 +68,15 @@ def refit_output_proj(
     finally:
         hook.remove()
     z = heads["z"].flatten(0, 1).double()  # (T, h·d_v): the heads' outputs, o_proj's input
+    if z.shape[0] < REFIT_TOKENS_PER_WEIGHT * z.shape[1]:
+        # Fewer samples than about twice the unknowns per output row: the least-squares solution would fit the
+        # calibration tokens' noise (on SmolLM2 at half its cache, 512 tokens for 576 unknowns gave perplexity
+        # 1,833 against 12 with 4,096 tokens).
+        raise ValueError(
+            f"the output refit solves for {z.shape[1]} weights per output (h·d_v) from {z.shape[0]} calibration "
+            f"tokens; it needs at least {REFIT_TOKENS_PER_WEIGHT * z.shape[1]}: give more calibration tokens "
+            "(--calib-tokens), or use a method without the refit (transmla)"
+        )
     if refit.o_proj.bias is not None:
         target = target - refit.o_proj.bias.double()  # the bias stays; W_O fits what is left
     gram = z.T @ z  # (h·d_v, h·d_v)
