@@ -140,6 +140,9 @@ def test_each_method_sizes_a_budget_by_its_own_rule():
     assert get_method("transmla").sizes(source, budget=0.5) == {"kv_lora_rank": 160, "rope_dim": 32}
     assert get_method("transmla").sizes(source, budget=0.25) == {"kv_lora_rank": 64, "rope_dim": 32}
     assert get_method("recipe").sizes(source, budget=0.5, reserve=1) == {"kv_lora_rank": 127, "rope_dim": 64}
+    # the reserved (anchor) element comes out of d_c, never out of d_R
+    assert get_method("recipe").sizes(source, budget=0.25, reserve=1) == {"kv_lora_rank": 47, "rope_dim": 48}
+    assert get_method("transmla").sizes(source, budget=0.25, reserve=1) == {"kv_lora_rank": 63, "rope_dim": 32}
     assert get_method("mha2mla").sizes(source, budget=0.5) == {"rope_pairs": 16, "kv_lora_rank": 96}
     assert get_method("exact").sizes(source) == {}
     with pytest.raises(ValueError, match="either a budget or"):

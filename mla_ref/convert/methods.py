@@ -88,8 +88,8 @@ class Method:
             raise ValueError("give either a budget or --kv-lora-rank / --rope-dim, not both")
         require_non_negative_int("reserve", reserve)
         elements = budget_elements(source, 0.5 if budget is None else budget)
-        if rope_dim is None:
-            rope_dim, _ = self.split(source, elements - reserve)
+        if rope_dim is None:  # the method's rule sees the whole budget; the reserve comes out of d_c alone
+            rope_dim, _ = self.split(source, elements)
         require_non_negative_int("rope_dim", rope_dim)
         if kv_lora_rank is None:
             kv_lora_rank = elements - reserve - rope_dim
