@@ -70,8 +70,11 @@ def test_the_sink_model_has_per_token_latent_norms_far_apart(sink_dir):
 
 def test_gain_breaks_the_written_form_so_nothing_is_written(sink_dir, calib_dir, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(WrittenFormError, match="materially worse.*--norm anchor.*--force"):
+    with pytest.raises(WrittenFormError, match="materially worse.*--norm anchor.*--force") as refused:
         convert_checkpoint(sink_dir, out, _options(calib_dir, method="exact", norm="gain"))
+    error = refused.value
+    assert error.written_kl - error.reference_kl > GUARD_KL_EXCESS and error.n_tokens == 1024
+    assert any("--norm anchor" in cause for cause in error.causes)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no staging folder left either
 

@@ -35,7 +35,6 @@ from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.bkv_pca import transmla_convert
 from mla_ref.mla import MultiHeadLatentAttention
 
-
 REFIT_TOKENS_PER_WEIGHT = 2  # calibration tokens per unknown of one output row that the refit asks for
 
 

@@ -16,7 +16,15 @@ GUARD_KL_EXCESS, GUARD_KL_RATIO = 0.05, 0.10
 
 
 class WrittenFormError(ValueError):
-    """The DeepSeek-V3 form would be materially worse than the conversion it stores; nothing was written."""
+    """The DeepSeek-V3 form would be materially worse than the conversion it stores; nothing was written.
+
+    ``reference_kl`` / ``written_kl``: each form's mean KL to the source (nats/token) on ``n_tokens`` calibration
+    tokens; ``causes``: the differences between the forms that can explain it, and what to do about each.
+    """
+
+    def __init__(self, message: str, *, reference_kl: float, written_kl: float, n_tokens: int, causes: list[str]):
+        super().__init__(message)
+        self.reference_kl, self.written_kl, self.n_tokens, self.causes = reference_kl, written_kl, n_tokens, causes
 
 
 def check_written_form(quality: dict, n_tokens: int, norm: str, rope_fit, *, force: bool) -> str | None:
@@ -40,7 +48,7 @@ def check_written_form(quality: dict, n_tokens: int, norm: str, rope_fit, *, for
         causes.append(
             f"the one RoPE table of a DeepSeek-V3 config is not this conversion's (max relative frequency change "
             f"{rope_fit.max_relative_change:.3g}): a method whose d_R keeps one component per source frequency "
-            "(transmla, freqfold 1) writes an exact table"
+            "(recipe, or transmla with freqfold 1) writes an exact table"
         )
     causes.append("--format mla-ref writes the conversion itself")
     hint = "; ".join(causes)
@@ -51,5 +59,11 @@ def check_written_form(quality: dict, n_tokens: int, norm: str, rope_fit, *, for
         f"{reference.perplexity:.4g}); {hint}"
     )
     if not force:
-        raise WrittenFormError(message + "; --force writes it anyway. Nothing was written.")
+        raise WrittenFormError(
+            message + "; --force writes it anyway. Nothing was written.",
+            reference_kl=reference.kl_to_source,
+            written_kl=written.kl_to_source,
+            n_tokens=n_tokens,
+            causes=causes,
+        )
     return message + "; written anyway because of --force."
