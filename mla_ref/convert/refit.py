@@ -19,9 +19,11 @@ did the old.  This step is this project's addition, not TransMLA's or MHA2MLA's;
 training-free recipe that ends with it.
 
 It is a training-free step: a model that will be fine-tuned is better started without it.  On the GQA teacher at
-25% of its cache, the refit brings the recipe from 1.70× to 1.57× the teacher's perplexity, but after the
+25% of its cache, the refit brought the earlier recipe (rotation budget) from 1.70× to 1.57× the teacher's perplexity,
+but after the
 conversion-quality table's fine-tune the un-refit model ends at 1.051× and the refit one at 1.060× (the least-squares
-W_O fits the calibration slice closely, and the fine-tune first has to undo that).
+W_O fits the calibration slice closely, and the fine-tune first has to undo that).  With few calibration tokens it
+fits their noise: it refuses fewer than two per unknown (``REFIT_TOKENS_PER_WEIGHT``).
 """
 
 from __future__ import annotations
