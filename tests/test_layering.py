@@ -17,7 +17,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("mla_ref.mla", "mla_ref"),  # the package's __init__ exports the core, up to MLA
     ("mla_ref.model", "mla_ref.data", "mla_ref.checkpoint", "mla_ref.calculator", "mla_ref.profile"),
     ("mla_ref.convert.",),
-    ("mla_ref.train", "mla_ref.recovery"),
+    (
+        "mla_ref.train",
+        "mla_ref.recovery",
+        "mla_ref.recovery_steps",
+        "mla_ref.recovery_layerwise",
+        "mla_ref.recovery_distill",
+    ),
     ("mla_ref.hf.",),
     ("mla_ref.cli.", "mla_ref.__main__"),
 ]

@@ -11,6 +11,8 @@
 - ``convert``: a whole directory, layer by layer, with that report.
 - ``serving``: whether a DeepSeek-V3 output fits the serving engines' MLA kernels; ``--profile engine``.
 - ``models``: ``load_model`` for any directory mla_ref reads, ``export_model`` to a Hugging Face layout.
+- ``recover``: a converted directory trained back towards its source (``recover_checkpoint``), written as it came;
+  ``recovery_record``: its RECOVERY.md.
 
 Reading and writing need only ``safetensors`` (and ``tokenizers`` for a ``tokenizer.json``); transformers is
 needed only to check the results.
@@ -21,12 +23,14 @@ from mla_ref.hf.deepseek import load_deepseek
 from mla_ref.hf.files import text_tokens
 from mla_ref.hf.llama import LlamaCheckpoint, llama3_frequencies, load_llama, model_config_from_hf
 from mla_ref.hf.models import export_model, load_model
+from mla_ref.hf.recover import RecoverOptions, recover_checkpoint
 from mla_ref.hf.stock import fit_norm, fit_rope_theta, stock_mla
 
 __all__ = [
     "ConversionReport",
     "ConvertOptions",
     "LlamaCheckpoint",
+    "RecoverOptions",
     "convert_checkpoint",
     "export_model",
     "fit_norm",
@@ -36,6 +40,7 @@ __all__ = [
     "load_llama",
     "load_model",
     "model_config_from_hf",
+    "recover_checkpoint",
     "stock_mla",
     "text_tokens",
 ]

@@ -1,0 +1,351 @@
+"""Recovering a converted checkpoint directory: CONVERTED trained back towards its source, written as CONVERTED is.
+
+    CONVERTED (written by ``convert``)   SRC (its source, named in CONVERTED's CONVERSION.md unless given)
+        │  calibration: windows spread evenly over the corpus's train split (the text ``convert`` calibrates on)
+        │  layerwise: each attention layer trained to reproduce the source layer on the source's own inputs
+        │  distill:   then (or instead) the whole source distilled into the attention layers
+        ▼
+    OUT: CONVERTED's format (stock DeepSeek-V3, or mla_ref's own), RECOVERY.md, CONVERSION.md and the tokenizer
+         files carried over; written only when complete.
+
+Perplexity and KL to the source are measured on the validation split (the text ``convert`` reports on) for the
+model as it came and as written.  ``python -m mla_ref recover`` (``mla_ref.cli.recover``) is the command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mla_ref import checkpoint
+from mla_ref._checks import require_choice
+from mla_ref.data import load_corpus, validation_windows
+from mla_ref.hf.deepseek import MLA_MODEL_TYPE, deepseek_tensors
+from mla_ref.hf.files import copy_carried_files, read_config, save_weights, staged_directory, text_tokens, write_json
+from mla_ref.hf.models import load_model, storage_dtype
+from mla_ref.hf.recovery_record import RECOVERY_RECORD, recovery_markdown
+from mla_ref.model import TinyLM
+from mla_ref.records import CONVERSION_RECORD, read_record
+from mla_ref.recovery_distill import Comparison, DistillResult, compare_with_teacher, recover_distill
+from mla_ref.recovery_layerwise import LayerwiseResult, recover_layerwise
+
+MODES: tuple[str, ...] = ("layerwise", "distill", "both")
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+CALIBRATION_PIECES = 16  # evenly spaced stretches of the train split the calibration windows come from
+HELD_OUT_TOKENS = 2048  # validation tokens on which each layer's error is also measured (layerwise)
+DISTILL_ALPHA, DISTILL_TEMPERATURE = 0.5, 2.0  # recovery_config's: half next-token CE, half softened KL
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------------
+def recorded_source(converted: Path) -> Path:
+    """The source named by CONVERTED's CONVERSION.md; ValueError saying what to pass when there is none."""
+    record = converted / CONVERSION_RECORD
+    if not record.is_file():
+        raise ValueError(
+            f"{str(converted)!r} has no {CONVERSION_RECORD} naming its source; pass --source SRC (the model it was "
+            "converted from)"
+        )
+    source = read_record(record).get("source")
+    if not isinstance(source, str):
+        raise ValueError(f"{str(record)!r} names no source; pass --source SRC")
+    if not (Path(source) / "config.json").is_file():
+        raise ValueError(
+            f"the source {source!r} named in {str(record)!r} is not there (no config.json); pass --source SRC"
+        )
+    return Path(source)
+
+
+def spread_windows(
+    directory: Path, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int, pieces: int
+) -> torch.Tensor:
+    """About ``n_tokens`` of token windows (n, seq_len + 1) from ``pieces`` evenly spaced stretches of ``data``.
+
+    The first tokens of a split are a handful of files (the standard library's train split starts with
+    ``_pydecimal.py``); stretches spread over the whole split give the calibration many files' worth of text.
+    Each stretch is tokenized on its own (``text_tokens``, the directory's tokenizer or bytes) and gives
+    ⌈n / pieces⌉ consecutive windows, n = ⌈n_tokens / seq_len⌉; the result has n windows.
+    """
+    n_windows = max(1, math.ceil(n_tokens / seq_len))
+    pieces = min(pieces, n_windows)
+    per_piece = math.ceil(n_windows / pieces)
+    stride = data.numel() // pieces
+    # a tokenizer needs fewer than 8 bytes a token (as ``convert`` assumes): 8 bytes per token are read
+    length = min(stride, 8 * per_piece * seq_len + 8)
+    windows = []
+    for piece in range(pieces):
+        tokens = text_tokens(directory, data[piece * stride : piece * stride + length], vocab_size)
+        available = (tokens.numel() - 1) // seq_len
+        if available < 1:
+            continue
+        windows.append(validation_windows(tokens, seq_len, min(per_piece, available) * seq_len))
+    found = sum(len(w) for w in windows)
+    if found < n_windows:
+        raise ValueError(
+            f"the train split holds {found} windows of {seq_len} tokens where {n_windows} were asked for "
+            f"({n_tokens:,} tokens); lower --tokens or give a larger --calib-dir"
+        )
+    return torch.cat(windows)[:n_windows]
+
+
+def written_format(converted: Path, model: TinyLM) -> str:
+    """ "deepseek-v3" or "mla-ref": how CONVERTED is stored, and so how OUT will be."""
+    model_type = read_config(converted).get("model_type")
+    if model.config.attention != "mla":
+        raise ValueError(
+            f"{str(converted)!r} is not an MLA model (its attention is {model.config.attention!r}); recover trains "
+            "what `python -m mla_ref convert` wrote"
+        )
+    if model_type == MLA_MODEL_TYPE:
+        return "deepseek-v3"
+    if model_type is None:
+        return "mla-ref"
+    raise ValueError(f"{str(converted)!r}: model_type {model_type!r} is not an MLA format; allowed: {MLA_MODEL_TYPE}")
+
+
+def kept_parameters(model: TinyLM, model_format: str) -> tuple[str, ...]:
+    """Attention parameters the output format cannot hold when changed: stock DeepSeek-V3 has no q_proj bias."""
+    if model_format != "deepseek-v3":
+        return ()
+    names = dict(model.layers[0].self_attn.named_parameters())
+    return ("q_proj.bias",) if "q_proj.bias" in names else ()
+
+
+def same_tokenizer(a: Path, b: Path) -> None:
+    """Refuse a source and a converted model that read text differently (their tokenizer.json files differ)."""
+    ta, tb = a / "tokenizer.json", b / "tokenizer.json"
+    if ta.is_file() != tb.is_file() or (ta.is_file() and ta.read_bytes() != tb.read_bytes()):
+        raise ValueError(
+            f"{str(a)!r} and {str(b)!r} do not share a tokenizer.json; the source must be the model CONVERTED was "
+            "converted from"
+        )
+
+
+# ---- writing and training -------------------------------------------------------------------------------------------
+def write_output(
+    output: Path, student: TinyLM, converted: Path, source: Path, model_format: str, dtype, markdown: str, overwrite
+) -> None:
+    """OUT in CONVERTED's format, with RECOVERY.md, CONVERTED's CONVERSION.md and the source's tokenizer files."""
+    with staged_directory(output, overwrite=overwrite) as staging:
+        if model_format == "deepseek-v3":
+            # the architecture is CONVERTED's, so its config.json (token ids and positions included) still holds
+            write_json(staging / "config.json", read_config(converted))
+            save_weights(deepseek_tensors(student, dtype), staging)
+        else:
+            saved = checkpoint.save(student, staging / "checkpoint", dtype=dtype)
+            for path in saved.iterdir():
+                path.rename(staging / path.name)
+            saved.rmdir()
+        carried = copy_carried_files(source, staging)
+        if not carried:  # a source without tokenizer files: CONVERTED carries the same ones, if any
+            copy_carried_files(converted, staging)
+        if (converted / CONVERSION_RECORD).is_file():
+            (staging / CONVERSION_RECORD).write_bytes((converted / CONVERSION_RECORD).read_bytes())
+        (staging / RECOVERY_RECORD).write_text(markdown, encoding="utf-8")
+
+
+@dataclasses.dataclass
+class RecoverOptions:
+    """What ``recover_checkpoint`` does; the defaults are the command line's."""
+
+    source: str | None = None  # None: the source CONVERTED's CONVERSION.md names
+    mode: str = "layerwise"  # one of MODES
+    tokens: int = 32768  # calibration tokens from the train split
+    steps: int = 300  # layerwise steps per layer
+    lr: float = 1e-3  # layerwise peak learning rate
+    batch_tokens: int = 1024  # token positions per layerwise batch (whole windows)
+    distill_steps: int = 100
+    distill_lr: float = 3e-5
+    distill_batch_tokens: int = 1024
+    minutes: float | None = None  # wall-clock limit on the training
+    device: str = "cpu"
+    calib_dir: str | None = None  # None: the Python standard library
+    eval_tokens: int = 8192  # validation tokens for perplexity and KL
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        require_choice("mode", self.mode, MODES)
+        require_choice("device", self.device, DEVICES)
+        for name in ("tokens", "steps", "batch_tokens", "distill_steps", "distill_batch_tokens", "eval_tokens"):
+            if (
+                isinstance(getattr(self, name), bool)
+                or not isinstance(getattr(self, name), int)
+                or getattr(self, name) <= 0
+            ):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"--seq-len must be an integer of at least 2, got {self.seq_len!r}")
+        for name in ("lr", "distill_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 1), got {getattr(self, name)!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"--minutes must be a positive number, got {self.minutes!r}")
+
+
+@dataclasses.dataclass
+class RecoveryReport:
+    """What ``recover_checkpoint`` did: the trained model (as written), the facts of RECOVERY.md, the quality."""
+
+    model: TinyLM  # the recovered model, its weights rounded to the storage dtype: what OUT holds
+    facts: dict  # RECOVERY.md's record
+    quality: dict[str, Comparison]  # "source", "converted", "recovered"
+    layerwise: LayerwiseResult | None
+    distill: DistillResult | None
+    seconds: float
+
+
+def _check_paths(converted: Path, output: Path, options: RecoverOptions, overwrite: bool) -> Path:
+    """Refuse, before any work, a bad CONVERTED, SRC or OUT; returns SRC."""
+    read_config(converted)  # a clear error for a missing directory or config.json
+    source = Path(options.source) if options.source is not None else recorded_source(converted)
+    read_config(source)
+    if source.resolve() == converted.resolve():
+        raise ValueError(f"--source {str(source)!r} is CONVERTED itself; pass the model it was converted from")
+    for other in (converted, source):
+        if output.resolve() == other.resolve():
+            raise ValueError(f"OUT {str(output)!r} is an input of this command; write somewhere else")
+    if output.exists() and not overwrite:
+        raise ValueError(f"output directory {str(output)!r} already exists; pass --overwrite to replace it")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    same_tokenizer(source, converted)
+    return source
+
+
+def recover_checkpoint(
+    converted_dir,
+    output_dir,
+    options: RecoverOptions | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = True,
+    command: str | None = None,
+    log=None,
+) -> RecoveryReport:
+    """Recover the converted model in ``converted_dir`` into ``output_dir`` (see the module docstring).
+
+    ``converted_dir`` and its source are never modified; ``output_dir`` appears only when complete, and an
+    existing one is refused unless ``overwrite``.  ``log`` gets one line of text per step worth reporting.
+    """
+    options = options or RecoverOptions()
+    log = log or (lambda line: None)
+    converted, output = Path(converted_dir), Path(output_dir)
+    source = _check_paths(converted, output, options, overwrite)
+    student = load_model(converted)
+    model_format = written_format(converted, student)
+    dtype = storage_dtype(converted)
+    teacher = load_model(source)
+    keep = kept_parameters(student, model_format)
+    corpus = load_corpus(options.calib_dir)
+    vocab, seq_len = student.config.vocab_size, options.seq_len
+    windows = spread_windows(converted, corpus.train, vocab, options.tokens, seq_len, CALIBRATION_PIECES)
+    val_tokens = text_tokens(converted, corpus.val[: 8 * (options.eval_tokens + seq_len + 1)], vocab)
+    evaluation = validation_windows(val_tokens, seq_len, options.eval_tokens)  # (m, s + 1)
+    log(
+        f"calibration {windows.shape[0]} windows of {seq_len} tokens; evaluation {evaluation.shape[0]} windows; "
+        f"training {options.mode} on {options.device}"
+    )
+    facts = {
+        "converted": str(converted),
+        "source": str(source),
+        "command": command or f"recover_checkpoint({str(converted)!r}, {str(output)!r})",
+        "options": dataclasses.asdict(options),
+        "mode": options.mode,
+        "kept": list(keep),
+        "device": options.device,
+        "format": model_format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "calibration": f"{windows.shape[0] * seq_len:,} tokens of the train split of {corpus.root}, "
+        f"{windows.shape[0]} windows of {seq_len} from {min(CALIBRATION_PIECES, windows.shape[0])} evenly "
+        "spaced stretches",
+    }
+    limit = None if options.minutes is None else 60.0 * options.minutes
+    start, cpu_start = time.perf_counter(), time.process_time()
+    layerwise = None
+    if options.mode in ("layerwise", "both"):
+        share = limit
+        if limit is not None and options.mode == "both":
+            share = limit * layerwise_share(student, options)
+        layerwise = recover_layerwise(
+            student,
+            teacher,
+            windows[:, :-1],
+            steps=options.steps,
+            lr=options.lr,
+            batch_tokens=options.batch_tokens,
+            device=options.device,
+            quiet=quiet,
+            time_limit_s=share,
+            held_out=evaluation[: max(1, HELD_OUT_TOKENS // seq_len), :-1],
+            keep=keep,
+            seed=options.seed,
+            log=log,
+        )
+        facts["layerwise"] = {
+            "steps_per_layer": options.steps,
+            "lr": options.lr,
+            "batch_tokens": options.batch_tokens,
+            **{k: v for k, v in dataclasses.asdict(layerwise).items() if k != "layers"},
+            "steps": layerwise.steps,
+            "layers": [dataclasses.asdict(layer) for layer in layerwise.layers],
+        }
+    distill = None
+    if options.mode in ("distill", "both"):
+        left = None if limit is None else max(1.0, limit - (time.perf_counter() - start))
+        distill = recover_distill(
+            student,
+            teacher,
+            windows,
+            steps=options.distill_steps,
+            lr=options.distill_lr,
+            batch_tokens=options.distill_batch_tokens,
+            device=options.device,
+            quiet=quiet,
+            time_limit_s=left,
+            keep=keep,
+            alpha=DISTILL_ALPHA,
+            temperature=DISTILL_TEMPERATURE,
+            seed=options.seed,
+        )
+        facts["distill"] = {
+            "lr": options.distill_lr,
+            "batch_tokens": options.distill_batch_tokens,
+            "alpha": DISTILL_ALPHA,
+            "temperature": DISTILL_TEMPERATURE,
+            **dataclasses.asdict(distill),
+        }
+        log(f"distill: loss {distill.first_loss:.4f} -> {distill.last_loss:.4f} in {distill.steps} steps")
+    facts["train_wall_seconds"] = time.perf_counter() - start
+    facts["train_cpu_seconds"] = time.process_time() - cpu_start
+
+    student = student.to(dtype).float().eval()  # measured as it will be stored: rounded to the storage dtype
+    quality = compare_with_teacher(
+        teacher, {"converted": load_model(converted), "recovered": student}, evaluation, device=options.device
+    )
+    quality = {"source": quality.pop("teacher"), **quality}
+    facts["evaluation"] = (
+        f"{evaluation.shape[0] * seq_len:,} tokens of the validation split of {corpus.root}, windows of {seq_len}"
+    )
+    facts["quality"] = {name: dataclasses.asdict(q) for name, q in quality.items()}
+    markdown = recovery_markdown(facts, layerwise, quality)
+    write_output(output, student, converted, source, model_format, dtype, markdown, overwrite)
+    return RecoveryReport(student, facts, quality, layerwise, distill, time.perf_counter() - start)
+
+
+def layerwise_share(model: TinyLM, options: RecoverOptions) -> float:
+    """The part of a --mode both time limit that goes to the layerwise phase: its estimated share of the work.
+
+    Work is counted in multiply-adds per token position: a distillation step runs the teacher forward and the
+    student forward and backward (≈ 4 × the model's parameters, the backward through the frozen weights included);
+    a layerwise step runs one attention layer forward and backward on its batch for every layer, ≈ 3 × its
+    parameters plus the scores over the window, counted as 5 × its parameters (measured on SmolLM2, one thread:
+    0.135 CPU-s per layer for a layerwise step of 1,024 tokens, 13.8 CPU-s for a distillation step).
+    """
+    attention = sum(p.numel() for p in model.layers[0].self_attn.parameters())
+    layerwise = options.steps * options.batch_tokens * model.config.n_layers * 5 * attention
+    distill = options.distill_steps * options.distill_batch_tokens * 4 * model.num_parameters()
+    return layerwise / (layerwise + distill)
