@@ -50,6 +50,10 @@ def test_the_command_writes_a_complete_output(converted_dir, tmp_path, capsys):
     quality = record["quality"]
     assert list(quality) == ["source", "converted", "recovered"]
     assert quality["recovered"]["kl_to_teacher"] < quality["converted"]["kl_to_teacher"]
+    check = record["check"]  # the last 2 of the 16 calibration windows, trained on by no phase
+    assert check["converted"]["tokens"] == 2 * SEQ
+    assert check["recovered"]["kl_to_teacher"] < check["converted"]["kl_to_teacher"]
+    assert record["warning"] is None
     text = (out / "RECOVERY.md").read_text()
     assert "python -m mla_ref recover" in text and "| recovered |" in text and "## Layer errors" in text
 
@@ -149,3 +153,31 @@ def test_the_layerwise_share_follows_the_work_of_each_phase(converted_dir):
     # twice the layerwise steps: twice its work against the same distillation work, w / (w + d) with w doubled
     doubled = layerwise_share(model, RecoverOptions(mode="both", steps=200, distill_steps=100))
     assert doubled == pytest.approx(2 * share / (1 + share), rel=1e-12)
+
+
+def test_a_recovery_that_makes_the_model_worse_is_refused(converted_dir, tmp_path, capsys):
+    """A learning rate far too large for distillation wrecks the model: nothing is written, unless --force."""
+    wreck = [
+        "--mode",
+        "distill",
+        "--distill-lr",
+        "0.05",
+        "--distill-steps",
+        "4",
+        "--distill-batch-tokens",
+        str(4 * SEQ),
+    ]
+    err = refused([str(converted_dir), str(tmp_path / "out"), *SMALL, *wreck], capsys, tmp_path)
+    assert "further from its source than the converted one on 128 held-back calibration tokens" in err
+    assert "--force" in err
+    forced = tmp_path / "forced"
+    assert main([str(converted_dir), str(forced), *SMALL, *wreck, "--force"]) == 0
+    text = (forced / "RECOVERY.md").read_text()
+    assert text.splitlines()[2].startswith("**Warning: the recovered model is further from its source")
+    record = read_record(forced / "RECOVERY.md")
+    assert record["check"]["recovered"]["kl_to_teacher"] > record["check"]["converted"]["kl_to_teacher"]
+
+
+def test_too_few_calibration_windows_are_refused(converted_dir, tmp_path, capsys):
+    err = refused([str(converted_dir), str(tmp_path / "out"), *SMALL, "--tokens", str(4 * SEQ)], capsys, tmp_path)
+    assert "gives 4 windows of 64; at least 8 are needed" in err

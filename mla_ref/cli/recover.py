@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the batch sampler "
                         f"(default {defaults.seed})")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--force", action="store_true", help="write OUT even when the recovered model is further "
+                        "from the source than CONVERTED on the held-back calibration windows (RECOVERY.md then "
+                        "says so at the top)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no report on stdout")
 
     def action(args, argv):
@@ -67,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             args.output,
             options,
             overwrite=args.overwrite,
+            force=args.force,
             quiet=args.quiet,
             command="python -m mla_ref recover " + shlex.join(argv),
             log=None if args.quiet else print,
         )
         if not args.quiet:
+            if report.facts["warning"]:
+                print(f"warning: {report.facts['warning']}")
             print(f"wrote {args.output} ({report.facts['format']}, {minutes(report.seconds)})")
             source_ppl = report.quality["source"].perplexity
             for name, q in report.quality.items():

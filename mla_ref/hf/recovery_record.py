@@ -15,9 +15,10 @@ def minutes(seconds: float) -> str:
 
 def recovery_markdown(facts: dict, layerwise: LayerwiseResult | None, quality: dict[str, Comparison]) -> str:
     """RECOVERY.md: what was trained, on what, for how long, and the quality before and after."""
-    out = [
-        "# Recovery record",
-        "",
+    out = ["# Recovery record", ""]
+    if facts.get("warning"):
+        out += [f"**Warning: {facts['warning']}**", ""]
+    out += [
         f"Trained `{facts['converted']}` towards its source `{facts['source']}` with exactly this command:",
         "",
         "```",
@@ -59,6 +60,13 @@ def recovery_markdown(facts: dict, layerwise: LayerwiseResult | None, quality: d
     source_ppl = quality["source"].perplexity
     for name, q in quality.items():
         out.append(f"| {name} | {q.perplexity:.4f} | {q.perplexity / source_ppl:.3f} | {q.kl_to_teacher:.4g} |")
+    check = facts["check"]
+    out += [
+        "",
+        f"Checked before writing, on the {check['converted']['tokens']:,} held-back calibration tokens: KL to the "
+        f"source {check['converted']['kl_to_teacher']:.4g} (converted) -> {check['recovered']['kl_to_teacher']:.4g} "
+        "(recovered) nats/token.",
+    ]
     if layerwise is not None:
         held = layerwise.layers[0].held_out_before is not None
         out += [
