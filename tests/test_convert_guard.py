@@ -148,6 +148,11 @@ def test_each_method_sizes_a_budget_by_its_own_rule():
     assert get_method("transmla").sizes(source, budget=0.25, reserve=1) == {"kv_lora_rank": 63, "rope_dim": 32}
     assert get_method("mha2mla").sizes(source, budget=0.5) == {"rope_pairs": 16, "kv_lora_rank": 96}
     assert get_method("exact").sizes(source) == {}
+    # a budget with d_R: the budget split another way, d_c = B − reserve − d_R
+    assert get_method("recipe").sizes(source, budget=0.25, rope_dim=32, reserve=1) == {
+        "kv_lora_rank": 63,
+        "rope_dim": 32,
+    }
     with pytest.raises(ValueError, match="either a budget or"):
         get_method("recipe").sizes(source, budget=0.5, kv_lora_rank=10)
     with pytest.raises(ValueError, match=r"budget must be a fraction of the source's cache in \(0, 1\], got 2"):

@@ -503,6 +503,20 @@ def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path,
     assert _hashes(llama_dir) == before
 
 
+def test_a_budget_with_a_rope_dim_splits_the_budget_that_way(llama_dir, calib_dir, tmp_path, capsys):
+    from mla_ref.cli.kv_cache import main as kv_cache
+    from mla_ref.records import read_record
+
+    out = tmp_path / "split"
+    assert convert_command([str(llama_dir), str(out), "--budget", "0.5", "--rope-dim", "8", "--calib-dir", str(calib_dir), "--calib-tokens", "256", "--eval-tokens", "0", "--seq-len", "32", "--quiet"]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["qk_rope_head_dim"] == 8  # the recipe's rule would give d_R = min(B/2, d_h) = 16
+    assert kv_cache([str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["variants"][0]["elements_per_token_per_layer"] == 32  # still half
+    options = read_record(out / "CONVERSION.md")["options"]
+    assert options["budget"] == 0.5 and options["rope_dim"] == 8 and options["method"] == "recipe"
+
+
 # ---- eval and kv-cache on the written directories ------------------------------------------------------------------
 def test_eval_and_kv_cache_read_every_layout(llama_dir, calib_dir, tmp_path, capsys):
     from mla_ref.cli.kv_cache import main as kv_cache

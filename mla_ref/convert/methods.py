@@ -70,8 +70,9 @@ class Method:
         """The keyword sizes ``convert`` takes for ``source``.
 
         Either a ``budget`` (fraction of the source's cache) or explicit ``kv_lora_rank`` / ``rope_dim``; a size
-        left out is filled from the budget (default: half the source's cache).  ``reserve`` elements of the
-        budget are kept out of d_c.  ``options``: the method's own (``self.options``).
+        left out is filled from the budget (default: half the source's cache), so a budget with ``rope_dim``
+        gives d_c = B − d_R: the budget spent by another split than the method's rule.  ``reserve`` elements of
+        the budget are kept out of d_c.  ``options``: the method's own (``self.options``).
         """
         for key in options:
             if key not in self.options:
@@ -84,8 +85,11 @@ class Method:
                     "need a lossy method (transmla, mha2mla or recipe)"
                 )
             return {}
-        if budget is not None and (kv_lora_rank is not None or rope_dim is not None):
-            raise ValueError("give either a budget or --kv-lora-rank / --rope-dim, not both")
+        if budget is not None and kv_lora_rank is not None:
+            raise ValueError(
+                "give either a budget or --kv-lora-rank, not both (with a budget, --rope-dim chooses d_R and d_c "
+                "takes the rest)"
+            )
         require_non_negative_int("reserve", reserve)
         elements = budget_elements(source, 0.5 if budget is None else budget)
         if rope_dim is None:  # the method's rule sees the whole budget; the reserve comes out of d_c alone

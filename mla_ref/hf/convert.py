@@ -85,7 +85,9 @@ class ConvertOptions:
 
     method: str | None = None  # a name in mla_ref.convert.METHODS; None: "recipe" when a size is given, else "exact"
     budget: float | None = None  # fraction of the source's cache per token; sizes then follow the method's rule
-    kv_lora_rank: int | None = None  # d_c; default: from the budget (half the source's cache), less d_R
+    kv_lora_rank: int | None = (
+        None  # d_c; default: from the budget (half the source's cache), less d_R (not with a budget)
+    )
     rope_dim: int | None = None  # d_R; default: the method's own rule
     profile: str | None = None  # "engine": the 512 + 64 latent that vLLM's and SGLang's MLA kernels accept
     q_lora_rank: int | None = None  # low-rank query bottleneck, or None for a full q_proj
