@@ -61,18 +61,31 @@ def run_measured(command: list[str], threads: int) -> dict:
     return {"wall_seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
 
-def converted_at(source: Path, work: Path, budget: float, threads: int) -> tuple[Path, dict | None]:
-    """A recipe conversion of ``source`` at ``budget``: reused from ``work`` when its CONVERSION.md matches."""
+def converted_at(
+    source: Path, work: Path, budget: float, rope_dim: int | None, threads: int
+) -> tuple[Path, dict | None]:
+    """A recipe conversion of ``source`` at ``budget`` (d_R = ``rope_dim``, or the recipe's rule when None), reused
+    from ``work`` when its CONVERSION.md records the same source, budget and d_R as this checkout would write."""
+    from mla_ref.convert import get_method
+    from mla_ref.hf import load_model
+    from mla_ref.hf.convert import ConvertOptions
     from mla_ref.records import read_record
 
-    out = work / f"convert-{budget:g}"
+    options = ConvertOptions(budget=budget, rope_dim=rope_dim)
+    first_layer = load_model(source).layers[0].self_attn
+    expected = get_method("recipe").sizes(
+        first_layer, budget=budget, rope_dim=rope_dim, reserve=options.reserved_elements()
+    )["rope_dim"]
+    out = work / (f"convert-{budget:g}" + ("" if rope_dim is None else f"-rope{rope_dim}"))
     record_path = out / "CONVERSION.md"
     if record_path.is_file():
         record = read_record(record_path)
-        if record.get("source") == str(source) and record["options"].get("budget") == budget:
+        if record.get("source") == str(source) and record["mla_sizes"]["d_R"] == expected:
             return out, None
-        raise SystemExit(f"error: {out} holds another conversion ({record.get('source')}, {record['options']})")
+        raise SystemExit(f"error: {out} holds another conversion ({record.get('source')}, {record['mla_sizes']})")
     command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--budget", str(budget), "--quiet"]
+    if rope_dim is not None:
+        command += ["--rope-dim", str(rope_dim)]
     return out, run_measured(command, threads)
 
 
@@ -107,14 +120,15 @@ def markdown(args, source_dir: Path, texts: dict[str, str], source: dict, rows: 
     lines = [
         "# Recovering SmolLM2-135M after conversion to MLA",
         "",
-        f"Reproduce: `python benchmarks/real_recovery.py --budgets {args.budgets} --plans "
+        f"Reproduce: `python benchmarks/real_recovery.py --budgets {args.budgets}" + " --plans "
         f"{shlex_join(args.plans)} --eval-tokens {args.eval_tokens}` (each recovery on one thread of a shared "
         f"2-core x86-64 CPU, torch {torch.__version__}).",
         "",
         "Source: SmolLM2-135M-Instruct, dequantized from the 4-bit Q4_1 file the package index ships (see its "
         f"MODEL.md), at `{source_dir}`; 30 layers, 9 query heads over 3 KV heads of 64, 384 cache elements per "
         "token and layer. Each budget is converted by `python -m mla_ref convert SRC OUT --budget F` (the `recipe` "
-        "method, stock DeepSeek-V3 form), then recovered by the exact `python -m mla_ref recover` command listed "
+        "method, stock DeepSeek-V3 form; with `--rope-dim D` where the cache column names a d_R other than the "
+        "recipe's rule), then recovered by the exact `python -m mla_ref recover` command listed "
         "below the table.",
         "",
         "Texts:",
@@ -141,14 +155,18 @@ def markdown(args, source_dir: Path, texts: dict[str, str], source: dict, rows: 
             "" if row["cpu_seconds"] is None else f"{row['cpu_seconds'] / 60:.1f} ({row['train_cpu_seconds'] / 60:.1f})"
         )
         name = row["name"] + (" (refused without --force)" if row.get("refused") else "")
-        cells = [f"{row['budget']:.1%}", name, cpu, f"{ours['perplexity']:.3f}",
+        cells = [f"{row['budget']:.1%} (d_R {row['rope_dim']})", name, cpu, f"{ours['perplexity']:.3f}",
                  f"{ours['perplexity'] / source['ours']:.3f}×", f"{ours['kl_to_teacher']:.3f}"]  # fmt: skip
         for text in ("code", "prose"):
             q = row["stock"][text]
             cells += [f"{q['perplexity']:.3f}", f"{q['perplexity'] / source[text]:.3f}×", f"{q['kl']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Commands:", ""]
-    lines += [f"- {row['budget']:.1%}, {row['name']}: `{row['command']}`" for row in rows if row.get("command")]
+    lines += [
+        f"- {row['budget']:.1%} (d_R {row['rope_dim']}), {row['name']}: `{row['command']}`"
+        for row in rows
+        if row.get("command")
+    ]
     layered = [row for row in rows if row.get("layers")]
     if layered:
         lines += [
@@ -160,7 +178,9 @@ def markdown(args, source_dir: Path, texts: dict[str, str], source: dict, rows: 
             "layer whose error on the check windows (the last eighth of the calibration, not trained on) rose keeps "
             "its weights from before.",
             "",
-            "| layer | " + " | ".join(f"{r['budget']:.1%} {r['name']}: calibration | held out" for r in layered) + " |",
+            "| layer | "
+            + " | ".join(f"{r['budget']:.1%} d_R {r['rope_dim']} {r['name']}: calibration | held out" for r in layered)
+            + " |",
             "|---:|" + "---:|---:|" * len(layered),
         ]
         for i in range(len(layered[0]["layers"])):
@@ -188,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
-    parser.add_argument("--budgets", default="0.25,0.125")
+    parser.add_argument("--budgets", default="0.25,0.125", help="comma-separated cache fractions; F:D converts F "
+                        "with --rope-dim D instead of the recipe's rule (benchmarks/rope_split.py)")  # fmt: skip
     parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated, of: {', '.join(PLANS)}")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--stock-tokens", type=int, default=4096, help="tokens per text measured in transformers")
@@ -200,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in plans if p not in PLANS]
     if unknown:
         parser.error(f"unknown plans {unknown}; allowed: {', '.join(PLANS)}")
+    conversions = [  # (budget, d_R or None for the recipe's rule)
+        (float(item.split(":")[0]), int(item.split(":")[1]) if ":" in item else None)
+        for item in args.budgets.split(",")
+        if item
+    ]
     torch.set_num_threads(args.threads)
     source_dir = Path(args.model) if args.model else default_model_dir("smollm2-135m")
     if not (source_dir / "config.json").is_file():
@@ -229,16 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"source in transformers: {source}", flush=True)
 
     rows = []
-    for budget in (float(b) for b in args.budgets.split(",")):
-        converted, conversion = converted_at(source_dir, work, budget, args.threads)
+    for budget, rope_dim in conversions:
+        converted, conversion = converted_at(source_dir, work, budget, rope_dim, args.threads)
         if conversion is not None:
             print(f"converted {budget:.1%}: {conversion}", flush=True)
+        d_r = read_record(converted / "CONVERSION.md")["mla_sizes"]["d_R"]
         for name in plans:
-            out = work / f"recover-{budget:g}-{name.replace(' + ', '-')}"
+            out = work / f"recover-{converted.name.removeprefix('convert-')}-{name.replace(' + ', '-')}"
             saved = work / f"{out.name}.json"  # a finished row: reused, so an interrupted run resumes
             if saved.is_file():
                 rows_saved = json.loads(saved.read_text())
-                if not any(r["budget"] == budget and r["name"] == "converted" for r in rows):
+                if not any(r["budget"] == budget and r["rope_dim"] == d_r and r["name"] == "converted" for r in rows):
                     rows.append(rows_saved["converted"])
                 rows.append(rows_saved["row"])
                 source.update(rows_saved["source"])
@@ -250,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             record = read_record(out / "RECOVERY.md")
             quality = record["quality"]
             source["ours"] = quality["source"]["perplexity"]
-            if not any(r["budget"] == budget and r["name"] == "converted" for r in rows):
+            if not any(r["budget"] == budget and r["rope_dim"] == d_r and r["name"] == "converted" for r in rows):
                 stock, _ = stock_quality(converted, windows, reference)
-                rows.append({"budget": budget, "name": "converted", "cpu_seconds": None,
+                rows.append({"budget": budget, "rope_dim": d_r, "name": "converted", "cpu_seconds": None,
                              "ours": quality["converted"], "stock": stock})  # fmt: skip
             stock, _ = stock_quality(out, windows, reference)
             rows.append(
                 {
                     "budget": budget,
+                    "rope_dim": d_r,
                     "name": name,
                     "cpu_seconds": measured["cpu_seconds"],
                     "train_cpu_seconds": record["train_cpu_seconds"],
@@ -270,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                     "refused": record["warning"] is not None,
                 }
             )
-            converted_row = next(r for r in rows if r["budget"] == budget and r["name"] == "converted")
+            converted_row = next(
+                r for r in rows if r["budget"] == budget and r["rope_dim"] == d_r and r["name"] == "converted"
+            )
             saved.write_text(json.dumps({"row": rows[-1], "converted": converted_row, "source": source}))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
     out = Path(args.out)
