@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {defaults.lr:g})")  # fmt: skip
     parser.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="token positions per "
                         f"layerwise batch, in whole windows (default {defaults.batch_tokens})")  # fmt: skip
+    parser.add_argument("--first-weight", type=float, default=defaults.first_weight, help="layerwise: weight of "
+                        "each window's first position in the loss, where a real model keeps its attention sink "
+                        f"(default {defaults.first_weight:g})")  # fmt: skip
     parser.add_argument("--distill-steps", type=int, default=defaults.distill_steps, help="distillation steps "
                         f"(default {defaults.distill_steps})")  # fmt: skip
     parser.add_argument("--distill-lr", type=float, default=defaults.distill_lr, help="distillation peak "

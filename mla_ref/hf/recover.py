@@ -161,6 +161,7 @@ class RecoverOptions:
     steps: int = 300  # layerwise steps per layer
     lr: float = 1e-3  # layerwise peak learning rate
     batch_tokens: int = 1024  # token positions per layerwise batch (whole windows)
+    first_weight: float = 1.0  # layerwise: weight of the windows' first position (the attention sink) in the loss
     distill_steps: int = 100
     distill_lr: float = 3e-5
     distill_batch_tokens: int = 1024
@@ -186,6 +187,12 @@ class RecoverOptions:
         for name in ("lr", "distill_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 1), got {getattr(self, name)!r}")
+        if (
+            isinstance(self.first_weight, bool)
+            or not isinstance(self.first_weight, (int, float))
+            or self.first_weight < 0
+        ):
+            raise ValueError(f"--first-weight must be a non-negative number, got {self.first_weight!r}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"--minutes must be a positive number, got {self.minutes!r}")
 
@@ -326,12 +333,14 @@ def recover_checkpoint(
             held_out=evaluation[: max(1, HELD_OUT_TOKENS // seq_len), :-1],
             keep=keep,
             seed=options.seed,
+            first_weight=options.first_weight,
             log=log,
         )
         facts["layerwise"] = {
             "steps_per_layer": options.steps,
             "lr": options.lr,
             "batch_tokens": options.batch_tokens,
+            "first_weight": options.first_weight,
             **{k: v for k, v in dataclasses.asdict(layerwise).items() if k != "layers"},
             "steps": layerwise.steps,
             "layers": [dataclasses.asdict(layer) for layer in layerwise.layers],

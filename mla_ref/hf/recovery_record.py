@@ -34,7 +34,8 @@ def recovery_markdown(facts: dict, layerwise: LayerwiseResult | None, quality: d
         lw = facts["layerwise"]
         out.append(
             f"- layerwise: {lw['steps_per_layer']} steps per layer asked, {lw['steps']} taken over "
-            f"{len(lw['layers'])} layers, lr {lw['lr']:g}, batches of {lw['batch_tokens']:,} token positions; "
+            f"{len(lw['layers'])} layers, lr {lw['lr']:g}, batches of {lw['batch_tokens']:,} token positions, "
+            f"first-position weight {lw['first_weight']:g}; "
             f"{lw['trained_tokens']:,} token positions seen; {minutes(lw['wall_seconds'])} wall, "
             f"{minutes(lw['cpu_seconds'])} CPU"
             + (" (the time limit cut some layers short)" if lw["time_limited"] else "")
