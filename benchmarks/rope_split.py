@@ -1,7 +1,7 @@
 """How a cache budget is best split between the roped key (d_R) and the latent (d_c): SmolLM2-135M, recipe method.
 
     python -m mla_ref fetch smollm2-135m     # once
-    python benchmarks/rope_split.py          # about 35 CPU-minutes on one thread: 11 conversions
+    python benchmarks/rope_split.py          # about 25 CPU-minutes on one thread: 11 conversions of ~2 each
 
 At each budget the recipe is run with several d_R (``python -m mla_ref convert SRC OUT --budget F --rope-dim D``,
 d_c taking the rest of the budget, one element of it the anchor), and two things are read for each:
