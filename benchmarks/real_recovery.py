@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +43,8 @@ RECOVER = [sys.executable, "-m", "mla_ref", "recover"]
 # distillation step of 1,024 tokens ≈ 14 CPU-s.
 PLANS: dict[str, list[str]] = {
     "layerwise": ["--mode", "layerwise", "--tokens", "32768", "--steps", "330", "--lr", "1e-3", "--batch-tokens", "1024"],
+    "layerwise (first weight 0)": ["--mode", "layerwise", "--tokens", "32768", "--steps", "330", "--lr", "1e-3",
+                                  "--batch-tokens", "1024", "--first-weight", "0"],
     "layerwise + distill": ["--mode", "both", "--tokens", "32768", "--steps", "100", "--lr", "1e-3",
                             "--batch-tokens", "1024", "--distill-steps", "70", "--distill-lr", "3e-5",
                             "--distill-batch-tokens", "1024"],
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {budget:.1%}: {conversion}", flush=True)
         d_r = read_record(converted / "CONVERSION.md")["mla_sizes"]["d_R"]
         for name in plans:
-            out = work / f"recover-{converted.name.removeprefix('convert-')}-{name.replace(' + ', '-')}"
+            slug = re.sub(r"[^a-z0-9.]+", "-", name)  # "layerwise + distill" -> "layerwise-distill"
+            out = work / f"recover-{converted.name.removeprefix('convert-')}-{slug}"
             saved = work / f"{out.name}.json"  # a finished row: reused, so an interrupted run resumes
             if saved.is_file():
                 rows_saved = json.loads(saved.read_text())
