@@ -125,7 +125,8 @@ def markdown(args, source_dir: Path, texts: dict[str, str], source: dict, rows: 
         "",
         f"Reproduce: `python benchmarks/real_recovery.py --budgets {args.budgets}" + " --plans "
         f"{shlex_join(args.plans)} --eval-tokens {args.eval_tokens}` (each recovery on one thread of a shared "
-        f"2-core x86-64 CPU, torch {torch.__version__}).",
+        f"2-core x86-64 CPU, torch {torch.__version__})"
+        + (" runs every budget with every plan; the table holds those that were run." if args.saved_only else "."),
         "",
         "Source: SmolLM2-135M-Instruct, dequantized from the 4-bit Q4_1 file the package index ships (see its "
         f"MODEL.md), at `{source_dir}`; 30 layers, 9 query heads over 3 KV heads of 64, 384 cache elements per "
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="/tmp/real_recovery", help="conversions and recoveries (kept)")
     parser.add_argument("--out", default=str(RESULTS / "real_recovery.md"))
+    parser.add_argument("--saved-only", action="store_true", help="write the table from the recoveries already "
+                        "finished in --work, running none (a budget and plan not run is left out)")  # fmt: skip
     args = parser.parse_args(argv)
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     unknown = [p for p in plans if p not in PLANS]
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(rows_saved["converted"])
                 rows.append(rows_saved["row"])
                 source.update(rows_saved["source"])
+                continue
+            if args.saved_only:
                 continue
             # --force: a recovery the command would refuse (further from the source than it came on the held-back
             # calibration windows) is still written here, so that the table can say by how much; the row says so
