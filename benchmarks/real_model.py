@@ -224,7 +224,7 @@ def plot(rows: list[Row], source: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
-    from mla_ref.hf.fetch import default_model_dir
+    from mla_ref.hf.fetch import fetched_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
@@ -237,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "real_model.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    source_dir = Path(args.model) if args.model else default_model_dir("smollm2-135m")
-    if not (source_dir / "config.json").is_file():
-        print(f"error: no model at {source_dir}; run: python -m mla_ref fetch smollm2-135m", file=sys.stderr)
+    try:
+        source_dir = fetched_model_dir("smollm2-135m", args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     import pydoc_data.topics

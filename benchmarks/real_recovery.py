@@ -207,7 +207,7 @@ def shlex_join(plans: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus, validation_windows
     from mla_ref.hf import text_tokens
-    from mla_ref.hf.fetch import default_model_dir
+    from mla_ref.hf.fetch import fetched_model_dir
     from mla_ref.records import read_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         if item
     ]
     torch.set_num_threads(args.threads)
-    source_dir = Path(args.model) if args.model else default_model_dir("smollm2-135m")
-    if not (source_dir / "config.json").is_file():
-        print(f"error: no model at {source_dir}; run: python -m mla_ref fetch smollm2-135m", file=sys.stderr)
+    try:
+        source_dir = fetched_model_dir("smollm2-135m", args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def mean_layer_error(model, inputs: list[torch.Tensor], targets: list[torch.Tens
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
     from mla_ref.hf import load_model
-    from mla_ref.hf.fetch import default_model_dir
+    from mla_ref.hf.fetch import fetched_model_dir
     from mla_ref.hf.recover import spread_windows
     from mla_ref.records import read_record
 
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "rope_split.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    source_dir = Path(args.model) if args.model else default_model_dir("smollm2-135m")
-    if not (source_dir / "config.json").is_file():
-        print(f"error: no model at {source_dir}; run: python -m mla_ref fetch smollm2-135m", file=sys.stderr)
+    try:
+        source_dir = fetched_model_dir("smollm2-135m", args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from mla_ref.hf.fetch import (  # noqa: E402
     RealModel,
     default_model_dir,
     fetch_model,
+    fetched_model_dir,
     fetched_problem,
     read_fetch_record,
 )
@@ -432,6 +433,15 @@ def test_default_model_dir(monkeypatch, tmp_path):
     assert default_model_dir("smollm2-135m") == tmp_path / "smollm2-135m"
     monkeypatch.delenv("MLA_REF_MODELS")
     assert default_model_dir("smollm2-135m") == Path.home() / ".cache" / "mla_ref" / "models" / "smollm2-135m"
+
+
+def test_fetched_model_dir_names_the_command_that_fetches_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLA_REF_MODELS", str(tmp_path))
+    with pytest.raises(ValueError, match="no model at .*; run: python -m mla_ref fetch smollm2-135m"):
+        fetched_model_dir("smollm2-135m")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
+    assert fetched_model_dir("smollm2-135m", tmp_path / "elsewhere") == tmp_path / "elsewhere"
 
 
 def test_pip_runs_as_this_interpreter(monkeypatch):

@@ -281,6 +281,15 @@ def fetched_problem(directory: str | os.PathLike, entry: RealModel) -> str | Non
     return None if record.get("files") else f"its {MODEL_CARD} lists no files"
 
 
+def fetched_model_dir(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """``directory`` (default ``default_model_dir(name)``) when it holds a model; otherwise a ValueError that
+    says which command fetches it.  For scripts that need the model and should not fetch it themselves."""
+    path = Path(directory) if directory is not None else default_model_dir(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"no model at {path}; run: python -m mla_ref fetch {name}")
+    return path
+
+
 def fetch_model(
     name: str,
     directory: str | os.PathLike | None = None,
