@@ -48,16 +48,16 @@ from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.model import mla_config
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.hf.build import block_from_state, tinylm_from_state
-from mla_ref.hf.deepseek import deepseek_config, deepseek_tensors
+from mla_ref.hf.deepseek import deepseek_config
 from mla_ref.hf.files import (
     copy_carried_files,
-    save_weights,
     staged_directory,
     text_tokens,
     write_json,
 )
 from mla_ref.hf.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
 from mla_ref.hf.layers import convert_layer
+from mla_ref.hf.models import save_mla_weights
 from mla_ref.hf.report import ConversionReport, Streams, describe_source
 from mla_ref.hf.serving import PROFILES, engine_sizes, serving_verdict
 from mla_ref.hf.sources import open_source
@@ -425,12 +425,7 @@ def convert_checkpoint(
                 token_ids=token_ids,
             )
             write_json(staging / "config.json", config_json)
-            save_weights(deepseek_tensors(model, dtype), staging)
-        else:
-            saved = checkpoint.save(model, staging / "checkpoint", dtype=dtype)
-            for path in saved.iterdir():
-                path.rename(staging / path.name)
-            saved.rmdir()
+        save_mla_weights(model, staging, options.format, dtype)
         copy_carried_files(source.root, staging)
         report.seconds = time.perf_counter() - start
         (staging / CONVERSION_RECORD).write_text(report.markdown(), encoding="utf-8")

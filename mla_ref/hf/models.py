@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -73,6 +74,18 @@ def storage_dtype(directory: str | os.PathLike) -> torch.dtype:
         return checkpoint.read_config(directory)[1]
     weights = WeightFiles(directory)
     return weights.dtype(sorted(weights.names)[0])
+
+
+def save_mla_weights(model: TinyLM, directory: Path, model_format: str, dtype: torch.dtype) -> None:
+    """An MLA ``model``'s weights into ``directory`` at ``dtype``: model.safetensors in DeepSeek-V3 names
+    ("deepseek-v3"; config.json is the caller's to write), or mla_ref's own checkpoint files ("mla-ref")."""
+    if model_format == "deepseek-v3":
+        save_weights(deepseek_tensors(model, dtype), directory)
+        return
+    saved = checkpoint.save(model, directory / "checkpoint", dtype=dtype)
+    for path in saved.iterdir():  # its files sit in the directory itself
+        path.rename(directory / path.name)
+    saved.rmdir()
 
 
 def export_model(

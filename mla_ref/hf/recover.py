@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from mla_ref import checkpoint
 from mla_ref._checks import require_choice
 from mla_ref.data import load_corpus, validation_windows
-from mla_ref.hf.deepseek import MLA_MODEL_TYPE, deepseek_tensors
-from mla_ref.hf.files import copy_carried_files, read_config, save_weights, staged_directory, text_tokens, write_json
-from mla_ref.hf.models import load_model, storage_dtype
+from mla_ref.hf.deepseek import MLA_MODEL_TYPE
+from mla_ref.hf.files import copy_carried_files, read_config, staged_directory, text_tokens, write_json
+from mla_ref.hf.models import load_model, save_mla_weights, storage_dtype
 from mla_ref.hf.recovery_record import RECOVERY_RECORD, recovery_markdown
 from mla_ref.model import TinyLM
 from mla_ref.records import CONVERSION_RECORD, read_record
@@ -137,12 +136,7 @@ def write_output(
         if model_format == "deepseek-v3":
             # the architecture is CONVERTED's, so its config.json (token ids and positions included) still holds
             write_json(staging / "config.json", read_config(converted))
-            save_weights(deepseek_tensors(student, dtype), staging)
-        else:
-            saved = checkpoint.save(student, staging / "checkpoint", dtype=dtype)
-            for path in saved.iterdir():
-                path.rename(staging / path.name)
-            saved.rmdir()
+        save_mla_weights(student, staging, model_format, dtype)
         carried = copy_carried_files(source, staging)
         if not carried:  # a source without tokenizer files: CONVERTED carries the same ones, if any
             copy_carried_files(converted, staging)
