@@ -181,3 +181,17 @@ def test_a_recovery_that_makes_the_model_worse_is_refused(converted_dir, tmp_pat
 def test_too_few_calibration_windows_are_refused(converted_dir, tmp_path, capsys):
     err = refused([str(converted_dir), str(tmp_path / "out"), *SMALL, "--tokens", str(4 * SEQ)], capsys, tmp_path)
     assert "gives 4 windows of 64; at least 8 are needed" in err
+
+
+def test_an_mla_ref_conversion_is_recovered_into_the_same_format(tmp_path):
+    converted = tmp_path / "converted"
+    options = ConvertOptions(budget=0.25, calib_tokens=1024, eval_tokens=0, seq_len=SEQ, format="mla-ref")
+    convert_checkpoint(TEACHERS_DIR / "gqa", converted, options)
+    out = tmp_path / "recovered"
+    report = recover_checkpoint(converted, out, RecoverOptions(tokens=16 * SEQ, steps=6, batch_tokens=4 * SEQ,
+                                                               seq_len=SEQ, eval_tokens=4 * SEQ))  # fmt: skip
+    assert report.facts["format"] == "mla-ref" and not (out / "checkpoint").exists()
+    assert "model_type" not in json.loads((out / "config.json").read_text())  # mla_ref's own config, not a HF one
+    reloaded = load_model(out).state_dict()
+    for name, tensor in report.model.state_dict().items():
+        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
