@@ -11,11 +11,12 @@ table marks those, with the conversion's own perplexity on the code text from CO
 then loaded by ``transformers.AutoModelForCausalLM`` (``DeepseekV3ForCausalLM``, no code of ours) and compared with
 the source loaded the same way (``LlamaForCausalLM``) on two texts held out from calibration:
 
-- calibration: the converter's default, the first ``--calib-tokens`` tokens of the train split of the Python
-  standard library's sources (``mla_ref.data.load_corpus``: split by file), windows of 256;
+- calibration: the converter's default windows (``--calib-tokens`` tokens, one window of 256 from each of as many
+  evenly spaced stretches) of the train split of the Python standard library's sources (``mla_ref.data.load_corpus``:
+  split by file) less the file that holds the prose text (``held_out.calibration_folder``, given as ``--calib-dir``);
 - code: the first ``--eval-tokens`` tokens of the validation split of the same corpus (other files);
 - prose: the first ``--eval-tokens`` tokens of the Python language reference's English text that ships with
-  Python (``pydoc_data.topics``), which the calibration windows do not include (checked).
+  Python (``pydoc_data.topics``).
 
 Per text: perplexity (and its ratio to the source's), and the mean KL(p_source ‖ p_model) per token.  Greedy
 samples of two prompts are printed side by side.  ``exact`` runs once, at 100% of the cache.
@@ -93,7 +94,8 @@ def convert(source: Path, out: Path, method: str, budget: float, args) -> dict:
     from mla_ref.records import read_record
 
     command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--method", method, "--force"]
-    command += ["--calib-tokens", str(args.calib_tokens), "--eval-tokens", str(args.eval_tokens), "--quiet"]
+    command += ["--calib-dir", str(args.calib_dir), "--calib-tokens", str(args.calib_tokens)]
+    command += ["--eval-tokens", str(args.eval_tokens), "--quiet"]
     if method != "exact":
         command += ["--budget", str(budget)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -154,6 +156,10 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
         "",
         "Source: SmolLM2-135M-Instruct, dequantized from the 4-bit Q4_1 file the package index ships (see its "
         "MODEL.md); 30 layers, 9 query heads over 3 KV heads of 64, 384 cache elements per token and layer.",
+        "",
+        f"Calibration: {args.calib_tokens:,} tokens, one window of {SEQ_LEN} from each of as many evenly spaced "
+        "stretches of the standard library's train split less `pydoc_data/topics.py`, the file that holds the prose "
+        "text (`--calib-dir`, see `benchmarks/held_out.py`).",
         "",
         "Texts (none of them calibration text):",
         "",
@@ -224,18 +230,20 @@ def plot(rows: list[Row], source: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
+    from mla_ref.hf import ConvertOptions
     from mla_ref.hf.fetch import fetched_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
     parser.add_argument("--methods", default="transmla,mha2mla,recipe")
-    parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--calib-tokens", type=int, default=None, help="default: the converter's own")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=str(RESULTS / "real_model.md"))
     args = parser.parse_args(argv)
+    args.calib_tokens = args.calib_tokens or ConvertOptions.calib_tokens
     torch.set_num_threads(args.threads)
     try:
         source_dir = fetched_model_dir("smollm2-135m", args.model)
@@ -243,19 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import pydoc_data.topics
-
     import transformers
+    from held_out import calibration_folder, prose_text
 
     corpus = load_corpus()
-    prose = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-    calibration_text = (
-        corpus.train[: 8 * (args.calib_tokens + SEQ_LEN + 1)].numpy().tobytes().decode("utf-8", "replace")
-    )
-    assert prose[:2000] not in calibration_text, "the prose text overlaps the calibration text"
+    prose = prose_text()
     texts = {
         "code": f"the first {args.eval_tokens:,} tokens of the validation split of {corpus.root} "
-        f"({len(corpus.val_files)} files held out from the {len(corpus.train_files)} train files that calibrate)",
+        f"({len(corpus.val_files)} files held out from the {len(corpus.train_files)} train files)",
         "prose": f"the first {args.eval_tokens:,} tokens of the Python language reference's text in pydoc_data.topics "
         "(topics in sorted order)",
     }
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="real_model_"))
     try:
+        args.calib_dir = calibration_folder(corpus, work / "calibration")
         cells = [(1.0, "exact")] if "exact" in args.methods.split(",") else []
         cells += [(float(b), m) for b in args.budgets.split(",") for m in args.methods.split(",") if m != "exact"]
         for budget, method in cells:

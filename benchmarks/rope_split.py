@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
     from mla_ref.hf import load_model
     from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.recover import spread_windows
+    from mla_ref.hf.files import spread_windows
     from mla_ref.records import read_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

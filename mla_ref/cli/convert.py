@@ -48,7 +48,8 @@ def convert_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="write the DeepSeek-V3 form even when it is materially "
                         "worse than the conversion on calibration text (CONVERSION.md then says so at the top)")  # fmt: skip
     parser.add_argument("--calib-dir", default=None, help="folder of text (default: the Python standard library)")
-    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    parser.add_argument("--calib-tokens", type=int, default=ConvertOptions.calib_tokens,
+                        help=f"calibration tokens, spread over the train split (default {ConvertOptions.calib_tokens})")  # fmt: skip
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of the quality report (0: skip it)")
     parser.add_argument("--seq-len", type=int, default=256, help="window length of calibration and evaluation")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="stored weights (default: the source's)")

@@ -46,13 +46,14 @@ from mla_ref._checks import require_choice, require_non_negative_int, require_po
 from mla_ref.calculator import DTYPES
 from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.model import mla_config
-from mla_ref.data import load_corpus, validation_windows
+from mla_ref.data import load_corpus
 from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config
 from mla_ref.hf.files import (
+    calibration_windows,
     copy_carried_files,
+    first_windows,
     staged_directory,
-    text_tokens,
     write_json,
 )
 from mla_ref.hf.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
@@ -98,7 +99,7 @@ class ConvertOptions:
     format: str = "deepseek-v3"
     dtype: str | None = None  # fp32 / bf16 / fp16; None: the source's storage dtype
     calib_dir: str | None = None  # folder of text (None: the Python standard library)
-    calib_tokens: int = 4096
+    calib_tokens: int = 16384  # one window of seq_len from each of as many stretches of the train split
     eval_tokens: int = 4096  # 0 skips the quality report (the written form is still checked on calibration text)
     seq_len: int = 256
 
@@ -151,12 +152,6 @@ class ConvertOptions:
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------
-def _token_windows(directory: Path, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int) -> torch.Tensor:
-    """The first windows of ``data`` as token ids: (n, seq_len + 1) int64 (a tokenizer needs < 8 bytes a token)."""
-    tokens = text_tokens(directory, data[: 8 * (n_tokens + seq_len + 1)], vocab_size)
-    return validation_windows(tokens, seq_len, n_tokens)
-
-
 def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention], *, stock: bool) -> ModelConfig:
     return mla_config(source, layers, rope_tables=not stock)
 
@@ -331,14 +326,16 @@ def convert_checkpoint(
 
     # calibration windows (train split) and evaluation windows (validation split), as token ids
     corpus = load_corpus(options.calib_dir)
-    calibration = _token_windows(source.root, corpus.train, config.vocab_size, options.calib_tokens, options.seq_len)
+    calibration, spread = calibration_windows(
+        source.root, corpus.train, config.vocab_size, options.calib_tokens, options.seq_len
+    )
     # the written form is checked against the conversion on (up to) the first GUARD_TOKENS calibration tokens
     n_guard = max(1, GUARD_TOKENS // options.seq_len)  # windows
     guard = Streams(calibration[:n_guard, :-1], calibration[:n_guard, 1:])
     calibration = calibration[:, :-1]  # (n_c, s): inputs only
     streams = None
     if options.eval_tokens:
-        windows = _token_windows(source.root, corpus.val, config.vocab_size, options.eval_tokens, options.seq_len)
+        windows = first_windows(source.root, corpus.val, config.vocab_size, options.eval_tokens, options.seq_len)
         streams = Streams(windows[:, :-1], windows[:, 1:])
     inputs = calibration if streams is None else torch.cat([calibration, streams.inputs])
 
@@ -406,6 +403,8 @@ def convert_checkpoint(
         norm_errors=None if not fits else {k: sum(f.errors[k] for f in fits) / len(fits) for k in fits[0].errors},
         quality=quality,
         warning=warning,
+        calibration=f"{calibration.numel():,} tokens in {len(calibration)} windows of {options.seq_len} "
+        f"{'spread evenly over' if spread else 'from the start of'} the train split of {corpus.root}",
         evaluation=""
         if streams is None
         else f"{streams.targets.numel():,} tokens of the validation split of {corpus.root}, windows of {options.seq_len}",

@@ -18,16 +18,22 @@ whole model got worse.  Perplexity and KL to the source are then measured on the
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from mla_ref._checks import require_choice
-from mla_ref.data import load_corpus, validation_windows
+from mla_ref.data import load_corpus
 from mla_ref.hf.deepseek import MLA_MODEL_TYPE
-from mla_ref.hf.files import copy_carried_files, read_config, staged_directory, text_tokens, write_json
+from mla_ref.hf.files import (
+    copy_carried_files,
+    first_windows,
+    read_config,
+    spread_windows,
+    staged_directory,
+    write_json,
+)
 from mla_ref.hf.models import load_model, save_mla_weights, storage_dtype
 from mla_ref.hf.recovery_record import RECOVERY_RECORD, recovery_markdown
 from mla_ref.model import TinyLM
@@ -60,38 +66,6 @@ def recorded_source(converted: Path) -> Path:
             f"the source {source!r} named in {str(record)!r} is not there (no config.json); pass --source SRC"
         )
     return Path(source)
-
-
-def spread_windows(
-    directory: Path, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int, pieces: int
-) -> torch.Tensor:
-    """About ``n_tokens`` of token windows (n, seq_len + 1) from ``pieces`` evenly spaced stretches of ``data``.
-
-    The first tokens of a split are a handful of files (the standard library's train split starts with
-    ``_pydecimal.py``); stretches spread over the whole split give the calibration many files' worth of text.
-    Each stretch is tokenized on its own (``text_tokens``, the directory's tokenizer or bytes) and gives
-    ⌈n / pieces⌉ consecutive windows, n = ⌈n_tokens / seq_len⌉; the result has n windows.
-    """
-    n_windows = max(1, math.ceil(n_tokens / seq_len))
-    pieces = min(pieces, n_windows)
-    per_piece = math.ceil(n_windows / pieces)
-    stride = data.numel() // pieces
-    # a tokenizer needs fewer than 8 bytes a token (as ``convert`` assumes): 8 bytes per token are read
-    length = min(stride, 8 * per_piece * seq_len + 8)
-    windows = []
-    for piece in range(pieces):
-        tokens = text_tokens(directory, data[piece * stride : piece * stride + length], vocab_size)
-        available = (tokens.numel() - 1) // seq_len
-        if available < 1:
-            continue
-        windows.append(validation_windows(tokens, seq_len, min(per_piece, available) * seq_len))
-    found = sum(len(w) for w in windows)
-    if found < n_windows:
-        raise ValueError(
-            f"the train split holds {found} windows of {seq_len} tokens where {n_windows} were asked for "
-            f"({n_tokens:,} tokens); lower --tokens or give a larger --calib-dir"
-        )
-    return torch.cat(windows)[:n_windows]
 
 
 def written_format(converted: Path, model: TinyLM) -> str:
@@ -287,8 +261,7 @@ def recover_checkpoint(
             f"--tokens {options.tokens} gives {len(windows)} windows of {seq_len}; at least {CHECK_FRACTION} are "
             f"needed (the last 1/{CHECK_FRACTION} check the result): raise --tokens"
         )
-    val_tokens = text_tokens(converted, corpus.val[: 8 * (options.eval_tokens + seq_len + 1)], vocab)
-    evaluation = validation_windows(val_tokens, seq_len, options.eval_tokens)  # (m, s + 1)
+    evaluation = first_windows(converted, corpus.val, vocab, options.eval_tokens, seq_len)  # (m, s + 1)
     log(
         f"calibration {windows.shape[0]} windows of {seq_len} tokens; evaluation {evaluation.shape[0]} windows; "
         f"training {options.mode} on {options.device}"

@@ -42,6 +42,7 @@ class ConversionReport:
     norm_errors: dict | None = None  # mean over layers of each latent-norm choice's relative error
     quality: dict = field(default_factory=dict)  # name -> Quality, "source" first
     evaluation: str = ""
+    calibration: str = ""  # which tokens the method calibrated on
     seconds: float = 0.0
     warning: str | None = None  # why the written form was refused, when --force wrote it anyway
     method_title: str = ""  # the method's one-line description (mla_ref.convert.METHODS)
@@ -94,6 +95,7 @@ class ConversionReport:
             f"- method `{self.options['method']}`: {self.method_title}; MLA sizes: "
             + ", ".join(f"{k} {v}" for k, v in self.mla_sizes.items()),
             *(f"  {n}. {step}" for n, step in enumerate(self.method_steps, 1)),
+            *([f"- calibration: {self.calibration}"] if self.calibration else []),
             f"- format `{self.options['format']}`, weights stored as {self.cache['dtype']}",
             f"- KV cache per token per layer: {self.cache['source_elements']} elements in the source, "
             f"{self.cache['output_elements']} here; over all layers {self.cache['source_bytes']:,} B -> "
@@ -141,6 +143,7 @@ class ConversionReport:
             "serving": None if self.serving is None else {"servable": self.serving[0], "reasons": self.serving[1]},
             "quality": {k: dataclasses.asdict(v) for k, v in self.quality.items()},
             "evaluation": self.evaluation,
+            "calibration": self.calibration,
             "seconds": round(self.seconds, 1),
         }
         out += record_section(record)

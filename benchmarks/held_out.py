@@ -1,0 +1,42 @@
+"""The two texts the real-model benchmarks measure on, and calibration text that contains neither.
+
+- code: the validation split of the Python standard library's sources (``mla_ref.data.load_corpus``, split by
+  file), which no calibration reads;
+- prose: the Python language reference's English text that ships with Python (``pydoc_data.topics``).
+
+The reference's text is also a file of the standard library's *train* split (``pydoc_data/topics.py``, about 6.6% of
+its bytes), and calibration windows spread over that split reach it.  ``calibration_folder`` therefore makes a
+folder of the train split's files less that one (symbolic links, nothing copied), for ``--calib-dir``: the prose
+stays held out, and the code's files were never in the train split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROSE_FILE = "pydoc_data/topics.py"  # the file of the standard library that holds the prose text
+
+
+def prose_text() -> str:
+    """The Python language reference's text: every topic of ``pydoc_data.topics``, in sorted order."""
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+
+
+def calibration_folder(corpus, folder: Path) -> Path:
+    """``folder`` filled with links to every file of ``corpus``'s train split except ``PROSE_FILE``; returns it.
+
+    ``corpus``: ``mla_ref.data.load_corpus()`` (the standard library).  An existing folder is refilled.
+    """
+    if PROSE_FILE not in corpus.train_files:
+        raise ValueError(f"{PROSE_FILE} is not in the train split of {corpus.root}; the benchmark expects it there")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in corpus.train_files:
+        if name == PROSE_FILE:
+            continue
+        link = folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(Path(corpus.root) / name)
+    return folder
