@@ -17,6 +17,9 @@ library's sources (other files than the train split that calibrates, and that th
 - by stock ``transformers`` (``AutoModelForCausalLM`` on the written directory, ``DeepseekV3ForCausalLM``; the
   source as ``LlamaForCausalLM``): the same, and on English prose that no step saw (the Python language
   reference's text in ``pydoc_data.topics``).
+
+Every conversion and recovery calibrates on ``--calib-dir`` = the standard library's train files less the one that
+holds the prose (``held_out.calibration_folder``).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def run_measured(command: list[str], threads: int) -> dict:
 
 
 def converted_at(
-    source: Path, work: Path, budget: float, rope_dim: int | None, threads: int
+    source: Path, work: Path, budget: float, rope_dim: int | None, threads: int, calib_dir: Path
 ) -> tuple[Path, dict | None]:
     """A recipe conversion of ``source`` at ``budget`` (d_R = ``rope_dim``, or the recipe's rule when None), reused
     from ``work`` when its CONVERSION.md records the same source, budget and d_R as this checkout would write."""
@@ -83,10 +86,12 @@ def converted_at(
     record_path = out / "CONVERSION.md"
     if record_path.is_file():
         record = read_record(record_path)
-        if record.get("source") == str(source) and record["mla_sizes"]["d_R"] == expected:
+        same_calibration = record["options"].get("calib_dir") == str(calib_dir) and record.get("calibration")
+        if record.get("source") == str(source) and record["mla_sizes"]["d_R"] == expected and same_calibration:
             return out, None
         raise SystemExit(f"error: {out} holds another conversion ({record.get('source')}, {record['mla_sizes']})")
     command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--budget", str(budget), "--quiet"]
+    command += ["--calib-dir", str(calib_dir)]
     if rope_dim is not None:
         command += ["--rope-dim", str(rope_dim)]
     return out, run_measured(command, threads)
@@ -241,19 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    import pydoc_data.topics
+    from held_out import calibration_folder, prose_text
 
     corpus = load_corpus()
-    prose = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    calib_dir = calibration_folder(corpus, work / "calibration")  # --calib-dir of every convert and recover
+    prose = prose_text()
     val = text_tokens(source_dir, corpus.val[: 8 * (args.stock_tokens + SEQ_LEN + 1)], 10**9)
     windows = {
         "code": validation_windows(val, SEQ_LEN, args.stock_tokens),
         "prose": validation_windows(text_tokens(source_dir, prose.encode("utf-8"), 10**9), SEQ_LEN, args.stock_tokens),
     }
     texts = {
-        "code (mla_ref)": f"the first {args.eval_tokens:,} tokens of the validation split of {corpus.root} "
-        f"({len(corpus.val_files)} files; the {len(corpus.train_files)} train files calibrate), windows of {SEQ_LEN}",
-        "code (transformers)": f"the first {args.stock_tokens:,} of those tokens",
+        "code (mla_ref)": f"the first {args.eval_tokens:,} tokens of the validation split of the calibration folder "
+        "(the standard library's train files less the prose's, split again by file: files that neither the "
+        f"conversion nor the recovery reads), windows of {SEQ_LEN}",
+        "code (transformers)": f"the first {args.stock_tokens:,} tokens of the validation split of {corpus.root} "
+        f"({len(corpus.val_files)} files outside the calibration folder)",
         "prose (transformers)": f"the first {args.stock_tokens:,} tokens of the Python language reference's text in "
         "pydoc_data.topics (topics in sorted order), which no step reads",
     }
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for budget, rope_dim in conversions:
-        converted, conversion = converted_at(source_dir, work, budget, rope_dim, args.threads)
+        converted, conversion = converted_at(source_dir, work, budget, rope_dim, args.threads, calib_dir)
         if conversion is not None:
             print(f"converted {budget:.1%}: {conversion}", flush=True)
         d_r = read_record(converted / "CONVERSION.md")["mla_sizes"]["d_R"]
@@ -282,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # --force: a recovery the command would refuse (further from the source than it came on the held-back
             # calibration windows) is still written here, so that the table can say by how much; the row says so
-            options = [*PLANS[name], "--eval-tokens", str(args.eval_tokens), "--quiet", "--overwrite", "--force"]
+            options = [*PLANS[name], "--eval-tokens", str(args.eval_tokens), "--calib-dir", str(calib_dir)]
+            options += ["--quiet", "--overwrite", "--force"]
             measured = run_measured([*RECOVER, str(converted), str(out), *options], args.threads)
             record = read_record(out / "RECOVERY.md")
             quality = record["quality"]

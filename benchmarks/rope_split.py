@@ -36,12 +36,15 @@ def converted(source: Path, work: Path, budget: float, rope_dim: int, threads: i
     """The recipe conversion of ``source`` at ``budget`` with d_R = ``rope_dim``, reused when already in ``work``."""
     out = work / f"budget{budget:g}-rope{rope_dim}"
     if (out / "CONVERSION.md").is_file() and (out / "config.json").is_file():
+        from mla_ref.hf import ConvertOptions
         from mla_ref.records import read_record
 
         record, written = read_record(out / "CONVERSION.md"), json.loads((out / "config.json").read_text())
         cache = record["cache"]
         if (
             record["source"] == str(source)
+            and record.get("calibration")  # written by the current converter, with its default calibration
+            and record["options"]["calib_tokens"] == ConvertOptions.calib_tokens
             and written.get("qk_rope_head_dim") == rope_dim
             and cache["output_elements"] == round(budget * cache["source_elements"])
         ):
@@ -64,7 +67,7 @@ def mean_layer_error(model, inputs: list[torch.Tensor], targets: list[torch.Tens
 
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
-    from mla_ref.hf import load_model
+    from mla_ref.hf import ConvertOptions, load_model
     from mla_ref.hf.fetch import fetched_model_dir
     from mla_ref.hf.files import spread_windows
     from mla_ref.records import read_record
@@ -73,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
     parser.add_argument("--work", default="/tmp/rope_split", help="the conversions (kept)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--budgets",
+        default=",".join(f"{b:g}" for b in SPLITS),
+        help="a subset of " + ", ".join(f"{b:g}" for b in SPLITS),
+    )
     parser.add_argument("--out", default=str(RESULTS / "rope_split.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -91,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         targets = [layer.self_attn(x) for layer, x in zip(source.layers, inputs, strict=True)]
 
     rows = []
-    for budget, rope_dims in SPLITS.items():
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for budget in budgets:
+        if budget not in SPLITS:
+            print(f"error: budget {budget:g} has no splits to try; allowed: {', '.join(f'{b:g}' for b in SPLITS)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    for budget, rope_dims in ((b, SPLITS[b]) for b in budgets):
         for rope_dim in rope_dims:
             out = converted(source_dir, work, budget, rope_dim, args.threads)
             record = read_record(out / "CONVERSION.md")
@@ -111,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Splitting the cache budget between d_R and d_c (SmolLM2-135M, recipe)",
         "",
-        f"Reproduce: `python benchmarks/rope_split.py` (one thread of a shared 2-core x86-64 CPU, torch "
+        f"Reproduce: `python benchmarks/rope_split.py --budgets {args.budgets}` (one thread of a shared 2-core x86-64 CPU, torch "
         f"{torch.__version__}). Source: SmolLM2-135M-Instruct as `python -m mla_ref fetch smollm2-135m` writes it. "
         "Each row is `python -m mla_ref convert SRC OUT --budget F --rope-dim D --eval-tokens 4096` (the recipe, "
-        "stock DeepSeek-V3 form; d_c written includes the anchor). Perplexity and KL: the written form on the "
+        "stock DeepSeek-V3 form; d_c written includes the anchor; the converter's default calibration, "
+        f"{ConvertOptions.calib_tokens:,} tokens spread one window per stretch over the train split). Perplexity and KL: the written form on the "
         "first 4,096 tokens of the standard library's validation split, as `convert` reports them. Mean E_l: each "
         f"converted attention layer against its source layer on the source's inputs, {PROXY_TOKENS:,} tokens of "
         "the train split, averaged over the 30 layers. *rule*: the d_R the recipe picks from a budget alone.",
