@@ -225,9 +225,10 @@ def calibration_windows(
     Why many tokens, and spread: SmolLM2-135M at a quarter of its cache (recipe, d_R 32, d_c 64, mla-ref form) was
     3.22× the source's perplexity on held-out code and 5.93× on English prose when calibrated on the first 4,096
     tokens of the standard library's train split (one file, ``_pydecimal.py``); 2.35× / 3.16× on its first 16,384
-    tokens; 2.15× / 2.98× on 16,384 tokens spread one window per stretch; 2.16× / 2.88× on 32,768 spread.  The output
-    refit solves h·d_v unknowns per output row (576 there) and wants many tokens per unknown.  A text too short
-    for n stretches gives its first windows instead (as many as it holds).
+    tokens; 2.15× / 3.02× on 16,384 tokens spread one window per stretch; 2.16× / 2.89× on 32,768 spread
+    (``benchmarks/calibration_amount.py``).  The output refit solves h·d_v unknowns per output row (576 there) and
+    wants many tokens per unknown.  A text too short for n stretches gives its first windows instead (as many as it
+    holds).
     """
     n_windows = max(1, math.ceil(n_tokens / seq_len))
     try:
