@@ -208,7 +208,9 @@ def text_tokens(directory: str | os.PathLike, data: torch.Tensor | bytes, vocab_
     return tokens
 
 
-def first_windows(directory: str | os.PathLike, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int):
+def first_windows(
+    directory: str | os.PathLike, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int
+) -> torch.Tensor:
     """The first windows of ``data`` as token ids: (n, seq_len + 1) int64, up to ``n_tokens`` tokens (fewer where the
     text is shorter).  A tokenizer needs fewer than 8 bytes a token, so 8 bytes per token are read."""
     tokens = text_tokens(directory, data[: 8 * (n_tokens + seq_len + 1)], vocab_size)
