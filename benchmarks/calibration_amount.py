@@ -23,7 +23,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ def perplexity(model, windows: torch.Tensor) -> float:
 
 
 def main() -> int:
-    from held_out import PROSE_FILE, prose_text
+    from held_out import prose_text, train_without_prose
 
     from mla_ref.convert import get_method
     from mla_ref.convert.bkv_pca import transmla_convert
@@ -46,7 +45,7 @@ def main() -> int:
     from mla_ref.data import load_corpus, validation_windows
     from mla_ref.hf import load_model, text_tokens
     from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.files import first_windows, spread_windows
+    from mla_ref.hf.files import calibration_windows, first_windows
 
     torch.set_num_threads(2)
     try:
@@ -57,14 +56,11 @@ def main() -> int:
     source = load_model(source_dir).eval()
     vocab = source.config.vocab_size
     corpus = load_corpus()
-    # the train split's bytes without the prose's file: files are joined in sorted order, so its bytes are one run
-    prose_file = (Path(corpus.root) / PROSE_FILE).read_bytes()
-    train = corpus.train.numpy().tobytes()
-    start = train.find(prose_file)
-    if start < 0:
-        print(f"error: {PROSE_FILE} not found in the train split", file=sys.stderr)
+    try:
+        train = train_without_prose(corpus)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    train = torch.frombuffer(bytearray(train[:start] + train[start + len(prose_file) :]), dtype=torch.uint8)
     texts = {
         "code": first_windows(source_dir, corpus.val, vocab, 4096, SEQ_LEN),
         "prose": validation_windows(text_tokens(source_dir, prose_text().encode(), vocab), SEQ_LEN, 4096),
@@ -72,12 +68,13 @@ def main() -> int:
     source_ppl = {name: perplexity(source, w) for name, w in texts.items()}
     recipe = get_method("recipe")
     sizes = {"kv_lora_rank": 64, "rope_dim": 32}
+    spread, _ = calibration_windows(source_dir, train, vocab, 16384, SEQ_LEN)
     runs = [
         ("first 4,096", first_windows(source_dir, train, vocab, 4096, SEQ_LEN), True),
         ("first 16,384", first_windows(source_dir, train, vocab, 16384, SEQ_LEN), True),
-        ("16,384 spread", spread_windows(source_dir, train, vocab, 16384, SEQ_LEN, 64), True),
-        ("32,768 spread", spread_windows(source_dir, train, vocab, 32768, SEQ_LEN, 128), True),
-        ("16,384 spread, no refit", spread_windows(source_dir, train, vocab, 16384, SEQ_LEN, 64), False),
+        ("16,384 spread", spread, True),  # the converter's own windows
+        ("32,768 spread", calibration_windows(source_dir, train, vocab, 32768, SEQ_LEN)[0], True),
+        ("16,384 spread, no refit", spread, False),
     ]
     for name, windows, refit in runs:
         begin = time.perf_counter()

@@ -7,12 +7,15 @@
 The reference's text is also a file of the standard library's *train* split (``pydoc_data/topics.py``, about 6.6% of
 its bytes), and calibration windows spread over that split reach it.  ``calibration_folder`` therefore makes a
 folder of the train split's files less that one (symbolic links, nothing copied), for ``--calib-dir``: the prose
-stays held out, and the code's files were never in the train split.
+stays held out, and the code's files were never in the train split.  ``train_without_prose`` is the same for a
+script that reads the train split's bytes itself.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 PROSE_FILE = "pydoc_data/topics.py"  # the file of the standard library that holds the prose text
 
@@ -40,3 +43,14 @@ def calibration_folder(corpus, folder: Path) -> Path:
         if not link.is_symlink():
             link.symlink_to(Path(corpus.root) / name)
     return folder
+
+
+def train_without_prose(corpus) -> torch.Tensor:
+    """The bytes of ``corpus``'s train split (uint8) with ``PROSE_FILE``'s bytes cut out: files are joined in sorted
+    order, so that file is one run of them."""
+    prose_file = (Path(corpus.root) / PROSE_FILE).read_bytes()
+    train = corpus.train.numpy().tobytes()
+    start = train.find(prose_file)
+    if PROSE_FILE not in corpus.train_files or start < 0:
+        raise ValueError(f"{PROSE_FILE} is not in the train split of {corpus.root}; the benchmark expects it there")
+    return torch.frombuffer(bytearray(train[:start] + train[start + len(prose_file) :]), dtype=torch.uint8)
