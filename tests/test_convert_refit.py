@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert import gqa_to_mla_exact, recipe_convert, refit_output_proj, transmla_convert
+from mla_ref.convert import gqa_to_mla_exact, latent_metric, recipe_convert, refit_output_proj, transmla_convert
+from mla_ref.convert.refit import RECIPE_KEY_WEIGHTS, output_error
+from mla_ref.convert.rorope import rorope_parts
 from mla_ref.rope import inverse_frequencies
 
 D_MODEL = 32
@@ -75,11 +77,11 @@ def test_bad_input_is_refused(call, message):
 
 def test_recipe_is_transmla_with_one_component_per_frequency_and_score_metric_then_refit():
     source, x = _source(), _inputs()
-    recipe = recipe_convert(source, x, kv_lora_rank=6, rope_dim=4)
+    recipe = recipe_convert(source, x, kv_lora_rank=6, rope_dim=4, key_weights=(1.0,))
     steps = transmla_convert(source, x, kv_lora_rank=6, rope_dim=4, rope_budget="uniform", metric="score")
     by_hand = refit_output_proj(steps, source, x)
     for name, tensor in recipe.state_dict().items():
-        torch.testing.assert_close(tensor, by_hand.state_dict()[name], rtol=0, atol=0)
+        torch.testing.assert_close(tensor, by_hand.state_dict()[name], rtol=1e-6, atol=1e-6)
     assert recipe.cache_elements_per_token() == 6 + 4
     # the roped components turn with the d_R/2 highest source frequencies: a standard table
     torch.testing.assert_close(
@@ -88,6 +90,32 @@ def test_recipe_is_transmla_with_one_component_per_frequency_and_score_metric_th
         rtol=1e-6,
         atol=0,
     )
+
+
+def test_recipe_keeps_the_key_weight_with_the_lowest_calibration_error():
+    source, x = _source(), _inputs()
+    target = source(x)
+    errors = {}
+    for weight in RECIPE_KEY_WEIGHTS:
+        one = recipe_convert(source, x, kv_lora_rank=6, rope_dim=4, key_weights=(weight,))
+        errors[weight] = output_error(one, x, target)
+    assert len(set(errors.values())) > 1, errors  # the key weight changes the latent
+    recipe = recipe_convert(source, x, kv_lora_rank=6, rope_dim=4)
+    torch.testing.assert_close(output_error(recipe, x, target), min(errors.values()), rtol=1e-9, atol=0)
+
+
+def test_key_weight_shifts_the_latent_toward_the_keys():
+    source, x = _source(), _inputs()
+    rotated = rorope_parts(source, x, rope_dim=4)
+    d_nope = rotated.key_up.shape[1]
+    balanced = latent_metric(rotated, x, metric="score")
+    weighted = latent_metric(rotated, x, metric="score", key_weight=4.0)
+    torch.testing.assert_close(weighted[:d_nope, :d_nope], 4 * balanced[:d_nope, :d_nope], rtol=1e-12, atol=0)
+    torch.testing.assert_close(weighted[d_nope:, d_nope:], balanced[d_nope:, d_nope:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="key_weight must be a positive number, got 0"):
+        latent_metric(rotated, x, key_weight=0)
+    with pytest.raises(ValueError, match="key_weights must name at least one key weight"):
+        recipe_convert(source, x, kv_lora_rank=6, rope_dim=4, key_weights=())
 
 
 def test_too_few_calibration_tokens_for_the_refit_are_refused():

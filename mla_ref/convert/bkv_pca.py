@@ -37,10 +37,10 @@ from mla_ref.convert.parts import MLAParts, assemble_mla, check_source
 from mla_ref.convert.rorope import (
     FOLD_FREQUENCIES,
     ROPE_BUDGETS,
-    calibration_tokens,
     check_freqfold,
     check_rope_dim,
     default_rope_dim,
+    input_moment,
     rorope_parts,
 )
 from mla_ref.mla import MultiHeadLatentAttention
@@ -50,7 +50,13 @@ LATENT_METRICS: tuple[str, ...] = ("norm", "score")
 
 @torch.no_grad()
 def latent_metric(
-    parts: MLAParts, calibration_inputs: torch.Tensor, *, metric: str = "norm", balance: bool = True
+    parts: MLAParts,
+    calibration_inputs: torch.Tensor,
+    *,
+    metric: str = "norm",
+    balance: bool = True,
+    key_weight: float = 1.0,
+    x_moment: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The metric M the latent's PCA minimises, E[(c − ĉ)ᵀ M (c − ĉ)]: (d_full, d_full), fp64, symmetric.
 
@@ -59,17 +65,21 @@ def latent_metric(
     downstream — keys through the queries, M_K = mean_i W_UK^iᵀ E[q_i^N q_i^Nᵀ] W_UK^i (the mean
     squared score error), values through the output, M_V = Σ_i W_UV^iᵀ W_O^iᵀ W_O^i W_UV^i — with β
     again equalising the two parts' energies E[cᵀ M_K c] and E[cᵀ M_V c].  ``balance=False``: β = 1.
+    ``key_weight`` w multiplies β: w > 1 gives the keys more of the latent than the balance would.
     Shapes: calibration_inputs (b, s, d_model); the latent is [k^N (d_N) ; v], as ``rorope_parts`` make it.
+    ``x_moment``: E[x xᵀ] of the calibration inputs (``input_moment``), when already computed.
     """
     require_choice("metric", metric, LATENT_METRICS)
+    if isinstance(key_weight, bool) or not isinstance(key_weight, (int, float)) or not key_weight > 0:
+        raise ValueError(f"key_weight must be a positive number, got {key_weight!r}")
     n_heads, d_nope, d_full = parts.key_up.shape[0], parts.key_up.shape[1], parts.latent_down.shape[0]
-    x = calibration_tokens(calibration_inputs, parts.latent_down.shape[1]).to(parts.latent_down.device)  # (T, D)
-    x_moment = x.T @ x / x.shape[0]  # E[x xᵀ], (D, D)
+    if x_moment is None:
+        x_moment = input_moment(calibration_inputs, parts.latent_down.shape[1]).to(parts.latent_down.device)
     latent_down = parts.latent_down.double()  # (d_full, D)
     latent_moment = latent_down @ x_moment @ latent_down.T  # E[c cᵀ], (d_full, d_full)
     if metric == "norm":
-        key_metric = torch.diag((torch.arange(d_full, device=x.device) < d_nope).double())
-        value_metric = torch.eye(d_full, dtype=torch.float64, device=x.device) - key_metric
+        key_metric = torch.diag((torch.arange(d_full, device=x_moment.device) < d_nope).double())
+        value_metric = torch.eye(d_full, dtype=torch.float64, device=x_moment.device) - key_metric
     else:
         key_up, query_nope = parts.key_up.double(), parts.query_nope.double()  # (h, d_N, d_full), (h, d_N, D)
         query_moment = torch.einsum("hni,ij,hmj->hnm", query_nope, x_moment, query_nope)  # E[q_i q_iᵀ]
@@ -80,7 +90,7 @@ def latent_metric(
     key_energy = (key_metric * latent_moment).sum()  # E[cᵀ M_K c] = tr(M_K E[c cᵀ])
     value_energy = (value_metric * latent_moment).sum()
     weight = (value_energy / key_energy).item() if balance and d_nope > 0 and key_energy > 0 else 1.0
-    return weight * key_metric + value_metric
+    return key_weight * weight * key_metric + value_metric
 
 
 def key_value_balance(parts: MLAParts, calibration_inputs: torch.Tensor) -> float:
@@ -100,15 +110,19 @@ def bkv_pca_parts(
     kv_lora_rank: int,
     balance: bool = True,
     metric: str = "norm",
+    key_weight: float = 1.0,
     fold_query: bool = True,
+    x_moment: torch.Tensor | None = None,
 ) -> MLAParts:
     """Compress the latent [k^N ; v] of ``parts`` (as ``rorope_parts`` make it) to ``kv_lora_rank`` dims.
 
     The PCA runs on z = M^½ c, M from ``latent_metric`` (the paper's balanced norm by default):
     P = top-d_c eigenvectors of E[z zᵀ], c' = Pᵀ M^½ c, ĉ = M^-½ P c'.  For ``"norm"`` M^½ = S above.
     The latent's first d_N coordinates must be the position-free keys, the only ones W_UK reads.
-    With kv_lora_rank equal to the latent's width nothing is lost.  Shapes: calibration_inputs
-    (b, s, d_model); the result has d_c = kv_lora_rank and d_N = min(d_N, d_c) when ``fold_query``.
+    With kv_lora_rank equal to the latent's width nothing is lost.  ``key_weight`` scales the keys' part of M
+    (``latent_metric``).  Shapes: calibration_inputs
+    (b, s, d_model); the result has d_c = kv_lora_rank and d_N = min(d_N, d_c) when ``fold_query``.  ``x_moment``:
+    E[x xᵀ] of the calibration inputs (``input_moment``), when already computed — all the PCA needs of them.
     """
     d_nope, d_full = parts.key_up.shape[1], parts.latent_down.shape[0]
     require_positive_int("kv_lora_rank", kv_lora_rank)
@@ -120,15 +134,18 @@ def bkv_pca_parts(
         )
     if (parts.key_up[:, :, d_nope:] != 0).any():
         raise ValueError(f"the latent must start with the {d_nope} position-free key dims, the only ones W_UK reads")
-    x = calibration_tokens(calibration_inputs, parts.latent_down.shape[1]).to(parts.latent_down.device)  # (T, D)
-    weights = latent_metric(parts, calibration_inputs, metric=metric, balance=balance)  # M, (d_full, d_full)
+    if x_moment is None:
+        x_moment = input_moment(calibration_inputs, parts.latent_down.shape[1]).to(parts.latent_down.device)
+    weights = latent_metric(  # M, (d_full, d_full)
+        parts, calibration_inputs, metric=metric, balance=balance, key_weight=key_weight, x_moment=x_moment
+    )
     values, vectors = torch.linalg.eigh(weights)
     values = values.clamp_min(values.max() * 1e-10)  # a metric blind to some direction still reconstructs it
     root = vectors @ torch.diag(values.sqrt()) @ vectors.T  # M^½
     inverse_root = vectors @ torch.diag(values.rsqrt()) @ vectors.T  # M^-½
     latent_down = parts.latent_down.double()  # (d_full, D)
-    whitened = x @ (root @ latent_down).T  # z = M^½ c, (T, d_full)
-    _, eigenvectors = torch.linalg.eigh(whitened.T @ whitened / x.shape[0])  # ascending
+    whitening = root @ latent_down  # z = M^½ c = (M^½ W_DKV) x
+    _, eigenvectors = torch.linalg.eigh(whitening @ x_moment @ whitening.T)  # E[z zᵀ], ascending
     principal = eigenvectors.flip(-1)[:, :kv_lora_rank]  # P, (d_full, d_c)
     # c' = Pᵀ M^½ c;  c ≈ M^-½ P c'
     new_down = principal.T @ root @ latent_down  # (d_c, D)
@@ -139,7 +156,7 @@ def bkv_pca_parts(
     if fold_query and kv_lora_rank < d_nope:
         # q_i^N · (W_UK^i c') = (W_UK^iᵀ q_i^N) · c'
         query_nope = torch.einsum("hnc,hni->hci", key_up, query_nope)  # (n_h, d_c, D)
-        key_up = torch.eye(kv_lora_rank, dtype=torch.float64, device=x.device).expand(key_up.shape[0], -1, -1)
+        key_up = torch.eye(kv_lora_rank, dtype=torch.float64, device=x_moment.device).expand(key_up.shape[0], -1, -1)
     return MLAParts(
         query_nope=query_nope.float(),
         query_rope=parts.query_rope.clone(),

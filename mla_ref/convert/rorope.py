@@ -102,6 +102,13 @@ def calibration_tokens(calibration_inputs: torch.Tensor, d_model: int) -> torch.
     return tokens
 
 
+def input_moment(calibration_inputs: torch.Tensor, d_model: int) -> torch.Tensor:
+    """E[x xᵀ] over the calibration tokens: (b, s, d_model) -> (d_model, d_model), fp64 (checked as
+    ``calibration_tokens`` checks them)."""
+    x = calibration_tokens(calibration_inputs, d_model)  # (T, D)
+    return x.T @ x / x.shape[0]
+
+
 def check_freqfold(freqfold: int, head_dim: int) -> int:
     """F must divide the d_h/2 rotary frequencies."""
     half = head_dim // 2
@@ -157,8 +164,7 @@ def rorope_basis(
     """
     check_source(source)
     freqfold = check_freqfold(freqfold, source.head_dim)
-    x = calibration_tokens(calibration_inputs, source.d_model).to(source.k_proj.weight.device)  # (T, D)
-    x_moment = x.T @ x / x.shape[0]  # E[x xᵀ], (D, D)
+    x_moment = input_moment(calibration_inputs, source.d_model).to(source.k_proj.weight.device)  # E[x xᵀ], (D, D)
     key_pool = _key_pool(source, freqfold)  # (G, C, 2, D)
     # M_G[p, q] = E[Σ_e k_{p,e} k_{q,e}]: coordinates a and b of every token are samples of one pool vector
     key_moment = torch.einsum("Gpei,ij,Gqej->Gpq", key_pool, x_moment, key_pool)  # (G, C, C)
@@ -170,7 +176,7 @@ def rorope_basis(
     query_moment = torch.einsum("hGfei,ij,hGuej->hGfu", query_groups, x_moment, query_groups)  # (n_h, G, F, F)
     head_mixing = _mixing_per_head(mixing, source)  # (n_h, G, F, C)
     query_energy = torch.einsum("hGfc,hGfu,hGuc->hGc", head_mixing, query_moment, head_mixing).mean(0)  # (G, C)
-    frequencies = rearrange(source_frequencies(source).to(x.device), "(G f) -> G f", f=freqfold)  # (G, F)
+    frequencies = rearrange(source_frequencies(source).to(x_moment.device), "(G f) -> G f", f=freqfold)  # (G, F)
     context_length = calibration_inputs.shape[1]
     return RotatedKeyBasis(mixing, key_energy, query_energy.clamp_min(0.0), frequencies, freqfold, context_length)
 
