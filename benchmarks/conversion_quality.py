@@ -56,7 +56,7 @@ import torch
 
 from mla_ref import checkpoint
 from mla_ref.convert import get_method, gqa_to_mla_exact, mha2mla_convert, mha2mla_ranks
-from mla_ref.convert.model import convert_model
+from mla_ref.convert.model import convert_model, convert_model_by_method
 from mla_ref.data import Corpus, load_corpus, random_batch, validation_windows
 from mla_ref.model import TinyLM
 from mla_ref.recovery import budget_steps, pretraining_tokens, recover, recovery_config
@@ -162,26 +162,26 @@ def _best_on_selection(lab: Lab, candidates: dict[int, TinyLM]) -> tuple[int, Ti
 
 
 def registered(name: str, freqfolds: tuple[int, ...] = (1,)):
-    """The registry's method ``name`` at a cache fraction, sized by its own rule (``Method.sizes``); with several
-    FreqFold values, the one with the lowest loss on the selection slice."""
+    """The registry's method ``name`` at a cache fraction, as ``convert`` runs it (``convert_model_by_method``: the
+    method's rule, or for the recipe the split with the lower calibration error); with several FreqFold values, the
+    one with the lowest loss on the selection slice."""
     method = get_method(name)
 
     def build(lab: Lab, fraction: float):
         try:
-            sizes = method.sizes(lab.source, budget=fraction)
+            method.sizes(lab.source, budget=fraction)
         except ValueError:  # no latent fits beside d_R at this budget
             return None
         half = lab.source.head_dim // 2
         candidates = {}
         for freqfold in (f for f in freqfolds if half % f == 0):
             options = {"freqfold": freqfold} if "freqfold" in method.options else {}
-
-            def convert_layer(attention, inputs, options=options):
-                return method.convert(attention, inputs, sizes | options)
-
-            candidates[freqfold] = convert_model(lab.teacher, convert_layer, lab.calibration)
+            candidates[freqfold] = convert_model_by_method(
+                lab.teacher, name, lab.calibration, budget=fraction, **options
+            )
         freqfold, model = _best_on_selection(lab, candidates)
-        settings = " ".join(f"{k}={v}" for k, v in sizes.items())
+        c = model.config
+        settings = f"kv_lora_rank={c.kv_lora_rank} rope_dim={c.qk_rope_head_dim}"
         return model, settings + (f" F={freqfold}" if "freqfold" in method.options else "")
 
     return build

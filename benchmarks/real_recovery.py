@@ -70,8 +70,9 @@ def run_measured(command: list[str], threads: int) -> dict:
 def converted_at(
     source: Path, work: Path, budget: float, rope_dim: int | None, threads: int, calib_dir: Path
 ) -> tuple[Path, dict | None]:
-    """A recipe conversion of ``source`` at ``budget`` (d_R = ``rope_dim``, or the recipe's rule when None), reused
-    from ``work`` when its CONVERSION.md records the same source, budget and d_R as this checkout would write."""
+    """A recipe conversion of ``source`` at ``budget`` (d_R = ``rope_dim``, or the recipe's measured choice when None),
+    reused from ``work`` when its CONVERSION.md records the same source and calibration, a d_R this checkout could
+    write, and the split record of the current converter."""
     from mla_ref.convert import get_method
     from mla_ref.hf import load_model
     from mla_ref.hf.convert import ConvertOptions
@@ -79,15 +80,22 @@ def converted_at(
 
     options = ConvertOptions(budget=budget, rope_dim=rope_dim)
     first_layer = load_model(source).layers[0].self_attn
-    expected = get_method("recipe").sizes(
+    candidates = get_method("recipe").candidate_sizes(
         first_layer, budget=budget, rope_dim=rope_dim, reserve=options.reserved_elements()
-    )["rope_dim"]
+    )
+    expected = {sizes["rope_dim"] for sizes in candidates}
     out = work / (f"convert-{budget:g}" + ("" if rope_dim is None else f"-rope{rope_dim}"))
     record_path = out / "CONVERSION.md"
     if record_path.is_file():
         record = read_record(record_path)
         same_calibration = record["options"].get("calib_dir") == str(calib_dir) and record.get("calibration")
-        if record.get("source") == str(source) and record["mla_sizes"]["d_R"] == expected and same_calibration:
+        current = "split" in record  # written by the converter that chooses its split by measurement
+        if (
+            record.get("source") == str(source)
+            and record["mla_sizes"]["d_R"] in expected
+            and same_calibration
+            and current
+        ):
             return out, None
         raise SystemExit(f"error: {out} holds another conversion ({record.get('source')}, {record['mla_sizes']})")
     command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--budget", str(budget), "--quiet"]

@@ -6,7 +6,9 @@ SmolLM2-135M converts best at 25% of its cache with d_R = B/3 = 32, not the reci
 (``rope_split.py``).  This asks the same of the shipped teachers: each is converted by the registry's recipe
 (``mla_ref.convert.model.convert_model``, mla-ref form) at 50% and 25% of its cache with both splits, calibrated on
 16 random windows of 256 bytes of the train split (seed 0), and its perplexity is measured on the first 16,384 bytes
-of the validation split, as a ratio to the teacher's own.  Prints one line per conversion.
+of the validation split, as a ratio to the teacher's own; beside it, the mean over layers of each converted layer's
+relative output error E_l on the calibration inputs, by which the converter chooses the split
+(``mla_ref.convert.split_choice``).  Prints one line per conversion.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def main() -> int:
     from mla_ref import checkpoint
     from mla_ref.convert import get_method
     from mla_ref.convert.model import convert_model
+    from mla_ref.convert.refit import output_error
     from mla_ref.data import load_corpus, random_batch, validation_windows
     from mla_ref.train import TEACHERS_DIR, evaluate
 
@@ -37,14 +40,19 @@ def main() -> int:
             rule = recipe.sizes(teacher.layers[0].self_attn, budget=budget)["rope_dim"]
             third = min(elements // 3 // 2 * 2, teacher.config.head_dim)
             for label, rope_dim in (("rule", rule), ("B/3", third)):
+                errors = []
 
-                def convert_layer(attention, inputs, rope_dim=rope_dim, budget=budget):
-                    return recipe.convert(attention, inputs, recipe.sizes(attention, budget=budget, rope_dim=rope_dim))
+                def convert_layer(attention, inputs, rope_dim=rope_dim, budget=budget, errors=errors):
+                    layer = recipe.convert(attention, inputs, recipe.sizes(attention, budget=budget, rope_dim=rope_dim))
+                    errors.append(output_error(layer, inputs, attention(inputs)))
+                    return layer
 
                 model = convert_model(teacher, convert_layer, calibration)
                 ratio = evaluate(model, windows).perplexity / teacher_ppl
                 print(
                     f"{name} teacher, {budget:.0%} ({elements} elements): d_R {rope_dim:3d} ({label:4s}) {ratio:.3f}×"
+                    f"   mean E_l {sum(errors) / len(errors):.4f}",
+                    flush=True,
                 )
     return 0
 

@@ -163,6 +163,23 @@ def test_each_method_sizes_a_budget_by_its_own_rule():
     assert all(method.steps and method.title for method in METHODS.values())
 
 
+def test_the_recipe_tries_half_and_a_third_of_a_budget_for_d_r():
+    source = TinyLM(ModelConfig(attention="gqa", n_kv_heads=3, n_heads=9, head_dim=64, d_model=576)).layers[0].self_attn
+    recipe = get_method("recipe")
+    assert recipe.candidate_sizes(source, budget=0.25, reserve=1) == [
+        {"kv_lora_rank": 47, "rope_dim": 48},  # the rule first
+        {"kv_lora_rank": 63, "rope_dim": 32},
+    ]
+    # at half the cache both give d_R = d_h: one candidate
+    assert recipe.candidate_sizes(source, budget=0.5, reserve=1) == [{"kv_lora_rank": 127, "rope_dim": 64}]
+    # sizes given: nothing to choose
+    assert recipe.candidate_sizes(source, budget=0.25, rope_dim=24) == [{"kv_lora_rank": 72, "rope_dim": 24}]
+    assert recipe.candidate_sizes(source, kv_lora_rank=64, rope_dim=32) == [{"kv_lora_rank": 64, "rope_dim": 32}]
+    # the published methods keep their one rule
+    assert get_method("transmla").candidate_sizes(source, budget=0.25) == [{"kv_lora_rank": 64, "rope_dim": 32}]
+    assert get_method("exact").candidate_sizes(source) == [{}]
+
+
 # ---- serving engines --------------------------------------------------------------------------------------------
 def test_serving_verdict_names_each_constraint_missed():
     mla = dict(attention="mla", kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)

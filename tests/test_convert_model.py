@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mla_ref import checkpoint
-from mla_ref.convert.model import convert_model
+from mla_ref.convert import get_method
+from mla_ref.convert.model import convert_model, convert_model_by_method
+from mla_ref.convert.refit import output_error
 from mla_ref.model import ModelConfig, TinyLM
 
 TEACHERS = Path(__file__).resolve().parents[1] / "mla_ref" / "teachers"
@@ -63,3 +65,32 @@ def test_an_mla_model_is_not_converted_again():
     model = TinyLM(ModelConfig(d_model=32, n_layers=1, n_heads=4, mlp_hidden=64, attention="mla"))
     with pytest.raises(ValueError, match="already 'mla'"):
         convert_model(model)
+
+
+def test_convert_model_by_method_keeps_the_split_with_the_lower_mean_layer_error():
+    teacher = checkpoint.load(TEACHERS / "gqa")
+    tokens = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+    recipe = get_method("recipe")
+    candidates = recipe.candidate_sizes(teacher.layers[0].self_attn, budget=0.25)
+    assert len(candidates) == 2  # d_R = B/2 and B/3
+    inputs = teacher.attention_inputs(tokens)
+    by_split = {}
+    for sizes in candidates:
+        errors = [
+            output_error(recipe.convert(layer.self_attn, x, sizes), x, layer.self_attn(x))
+            for layer, x in zip(teacher.layers, inputs, strict=True)
+        ]
+        by_split[sizes["rope_dim"]] = sum(errors) / len(errors)
+    assert len(set(by_split.values())) == 2, by_split
+    best = min(by_split, key=by_split.get)
+    converted = convert_model_by_method(teacher, "recipe", tokens, budget=0.25)
+    assert converted.config.qk_rope_head_dim == best
+    by_hand = convert_model(
+        teacher, lambda a, x: recipe.convert(a, x, recipe.sizes(a, budget=0.25, rope_dim=best)), tokens
+    )
+    torch.testing.assert_close(converted(tokens[:2]), by_hand(tokens[:2]), rtol=0, atol=0)
+    # one candidate: the method's sizes, no search; exact needs no calibration
+    exact = convert_model_by_method(teacher, "exact")
+    torch.testing.assert_close(exact(tokens[:2]), teacher(tokens[:2]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="method 'transmla' needs calibration_tokens"):
+        convert_model_by_method(teacher, "transmla", budget=0.5)

@@ -15,5 +15,5 @@ def test_demo_runs_every_section_and_its_checks_pass(capsys):
         assert heading in out
     assert "KV cache: 2 x 2 x 32 x 4 layers x 4 B = 2,048 B/token (fp32)" in out
     assert "exact MLA (d_c = d_R = 2 n_kv d_h): logits = teacher's within 1e-4, cache 2,048 B/token" in out
-    assert "MLA at half the cache (method 'recipe', no training): 1,024 B/token" in out
+    assert "MLA at half the cache (method 'recipe', no training, d_R " in out
     assert out.rstrip().endswith("All checks in this demo passed.")

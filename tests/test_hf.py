@@ -542,8 +542,27 @@ def test_a_budget_with_a_rope_dim_splits_the_budget_that_way(llama_dir, calib_di
     assert config["qk_rope_head_dim"] == 8  # the recipe's rule would give d_R = min(B/2, d_h) = 16
     assert kv_cache([str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["variants"][0]["elements_per_token_per_layer"] == 32  # still half
-    options = read_record(out / "CONVERSION.md")["options"]
+    record = read_record(out / "CONVERSION.md")
+    options = record["options"]
     assert options["budget"] == 0.5 and options["rope_dim"] == 8 and options["method"] == "recipe"
+    assert record["split"] == ""  # d_R given: nothing chosen
+
+
+def test_a_budget_alone_lets_the_recipe_choose_its_split_by_the_layer_error(llama_dir, calib_dir, tmp_path):
+    import re
+
+    from mla_ref.records import read_record
+
+    out = tmp_path / "chosen"
+    assert convert_command([str(llama_dir), str(out), "--budget", "0.25", "--calib-dir", str(calib_dir), "--calib-tokens", "512", "--eval-tokens", "0", "--seq-len", "32", "--quiet"]) == 0  # fmt: skip
+    record = read_record(out / "CONVERSION.md")
+    # B = 16 of the source's 2 · 2 · 16: d_R = B/2 = 8 (the rule) and B/3 → 4, one element of d_c the anchor
+    tried = {int(d): float(e) for d, e in re.findall(r"d_R (\d+) \+ d_c \d+: ([0-9.]+)", record["split"])}
+    assert set(tried) == {8, 4}, record["split"]
+    chosen = min(tried, key=tried.get)
+    assert f"d_R {chosen} + d_c {15 - chosen}: {tried[chosen]:.4f} (chosen)" in record["split"]
+    assert json.loads((out / "config.json").read_text())["qk_rope_head_dim"] == chosen
+    assert "split of the budget chosen by the mean layer output error" in (out / "CONVERSION.md").read_text()
 
 
 # ---- eval and kv-cache on the written directories ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from mla_ref import checkpoint
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert import convert_model, get_method
+from mla_ref.convert import convert_model_by_method
 from mla_ref.data import load_corpus, validation_windows
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import TinyLM
@@ -51,10 +51,9 @@ def held_out(corpus):
 
 @pytest.fixture(scope="module")
 def converted(teacher, calibration):
-    """The teacher at a quarter of its cache by mla_ref's recipe (d_R 16 + d_c 16 = 32 of 128 elements)."""
+    """The teacher at a quarter of its cache by mla_ref's recipe (32 of 128 elements), as `convert` makes it."""
     torch.set_num_threads(1)
-    method = get_method("recipe")
-    model = convert_model(teacher, lambda a, x: method.convert(a, x, method.sizes(a, budget=0.25)), calibration)
+    model = convert_model_by_method(teacher, "recipe", calibration, budget=0.25)
     assert model.kv_cache_elements_per_token() * 4 == teacher.kv_cache_elements_per_token()
     return model.eval()
 

@@ -33,7 +33,8 @@ def convert_command(argv: list[str] | None = None) -> int:
         + "; ".join(f"{name}: {method.title}" for name, method in METHODS.items()),
     )
     parser.add_argument("--budget", type=float, default=None, help="cache as a fraction of the source's, in (0, 1]; "
-                        "d_c and d_R then follow the method's own rule, or d_c takes what --rope-dim leaves")  # fmt: skip
+                        "d_c and d_R then follow the method's own rule (the recipe tries two splits and keeps the one "
+                        "closer to the source on the calibration tokens), or d_c takes what --rope-dim leaves")  # fmt: skip
     parser.add_argument("--kv-lora-rank", type=int, default=None, help="d_c, the cached latent")
     parser.add_argument("--rope-dim", type=int, default=None, help="d_R, the shared roped key")
     parser.add_argument("--profile", choices=PROFILES, default=None, help="engine: the 512 + 64 latent of vLLM's "

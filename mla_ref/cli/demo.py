@@ -85,8 +85,8 @@ def real_models_section() -> None:
 def teacher_section() -> None:
     """The shipped GQA teacher: its perplexity against its record, its cache, a sample, and MLA versions of it."""
     from mla_ref import checkpoint
-    from mla_ref.convert import get_method, gqa_to_mla_exact
-    from mla_ref.convert.model import convert_model
+    from mla_ref.convert import gqa_to_mla_exact
+    from mla_ref.convert.model import convert_model, convert_model_by_method
     from mla_ref.data import load_corpus, random_batch, validation_windows
     from mla_ref.train import TEACHERS_DIR, evaluate, read_record
 
@@ -124,17 +124,13 @@ def teacher_section() -> None:
     print(f"  exact MLA (d_c = d_R = 2 n_kv d_h): logits = teacher's within 1e-4, cache {per_token:,} B/token")
 
     calibration, _ = random_batch(corpus.train, 16, record["seq_len"], torch.Generator().manual_seed(0))
-    recipe = get_method("recipe")  # the registry's recipe, sized by its own rule for half the cache
-
-    def half_cache(attention, inputs):
-        return recipe.convert(attention, inputs, recipe.sizes(attention, budget=0.5))
-
-    compressed = convert_model(teacher, half_cache, calibration)
+    # the registry's recipe at half the cache, its split of the budget chosen as `convert` chooses it
+    compressed = convert_model_by_method(teacher, "recipe", calibration, budget=0.5)
     ratio = evaluate(compressed, windows).perplexity / evaluation.perplexity
     assert 2 * compressed.kv_cache_bytes_per_token() == teacher.kv_cache_bytes_per_token()
     assert ratio < 1.35, ratio  # the project's training-free target at half the cache
     print(
-        f"  MLA at half the cache (method 'recipe', no training): "
+        f"  MLA at half the cache (method 'recipe', no training, d_R {compressed.config.qk_rope_head_dim}): "
         f"{compressed.kv_cache_bytes_per_token():,} B/token, perplexity {ratio:.3f}x the teacher's"
     )
 

@@ -10,8 +10,11 @@
   the keys' position information into d_R dims, then BKV-PCA (``bkv_pca_parts``) gives the latent.
 - ``refit_output_proj``: after a lossy conversion, o_proj re-solved by least squares so the layer's output
   matches its source's on the calibration inputs (this project's addition); ``recipe_convert``: the project's
-  training-free recipe (TransMLA with the rotation budget and score metric, then the refit).
-- ``convert_model``: a whole TinyLM with each attention layer converted (``mla_config`` is its config).
+  training-free recipe (TransMLA with one roped component per frequency and the score metric, the keys' share of
+  the latent chosen per layer, then the refit).
+- ``convert_model``: a whole TinyLM with each attention layer converted (``mla_config`` is its config);
+  ``convert_model_by_method``: the same by a registered method, its split of a budget chosen as ``convert`` chooses
+  it (``split_choice``: the split whose layers come out closest to their sources on the calibration tokens).
 - ``METHODS`` / ``get_method``: the conversion methods by name (exact, transmla, mha2mla, recipe), each with
   its steps, its sizing rule for a cache budget and its layer converter; every caller picks methods here.
 
@@ -22,7 +25,7 @@ from mla_ref.convert.bkv_pca import bkv_pca_parts, key_value_balance, latent_met
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.mean_pool import mean_pool_kv_heads
 from mla_ref.convert.methods import METHODS, Method, budget_elements, get_method
-from mla_ref.convert.model import convert_model, mla_config
+from mla_ref.convert.model import convert_model, convert_model_by_method, mla_config
 from mla_ref.convert.partial_rope import (
     keep_top_pairs,
     pair_norm_scores,
@@ -48,6 +51,7 @@ __all__ = [
     "keep_top_pairs",
     "key_value_balance",
     "convert_model",
+    "convert_model_by_method",
     "mla_config",
     "latent_metric",
     "mean_pool_kv_heads",

@@ -5,6 +5,10 @@ for each layer — ``attention`` the source module, ``inputs`` (b, s, d_model) t
 entered it on the calibration tokens (None without them) — and builds an MLA model from the results.
 Embeddings, norms, MLPs and the head are copied; the source model is not modified.  All layers must
 come out with the same MLA sizes (d_c, d_N, d_R, d_v); each keeps its own RoPE frequency table.
+
+``convert_model_by_method(model, name, calibration_tokens, budget=F)`` converts with a registered method
+(``mla_ref.convert.methods``) and, where the method tries more than one split of the budget, keeps the split whose
+layers come out closest to their sources (``mla_ref.convert.split_choice``) — as ``python -m mla_ref convert`` does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from torch import nn
 
 from mla_ref.convert.exact import gqa_to_mla_exact
+from mla_ref.convert.methods import get_method
+from mla_ref.convert.split_choice import SplitSearch
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.rope import inverse_frequencies
@@ -88,3 +94,44 @@ def convert_model(
         state.update({f"layers.{i}.self_attn.{k}": v for k, v in attention.state_dict().items()})
     target.load_state_dict(state)
     return target.to(model.lm_head.weight.dtype)
+
+
+@torch.no_grad()
+def convert_model_by_method(
+    model: TinyLM,
+    method: str,
+    calibration_tokens: torch.Tensor | None = None,
+    *,
+    budget: float | None = None,
+    kv_lora_rank: int | None = None,
+    rope_dim: int | None = None,
+    reserve: int = 0,
+    **options,
+) -> TinyLM:
+    """``model`` converted by the method called ``method`` at the sizes ``Method.candidate_sizes`` gives.
+
+    With several candidate splits (the recipe with a budget), every layer is converted at each and the split with
+    the lowest mean layer error on the calibration inputs is kept (``SplitSearch``).  Shapes: calibration_tokens
+    (b, s) int64 (None only for ``exact``).
+    """
+    if model.config.attention == "mla":
+        raise ValueError("the model's attention is already 'mla'; convert a model of the GQA family (mha/gqa/mqa)")
+    chosen = get_method(method)
+    first = model.layers[0].self_attn
+    search = SplitSearch(
+        chosen.candidate_sizes(
+            first, budget=budget, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, reserve=reserve, **options
+        )
+    )
+    if calibration_tokens is None and chosen.split is not None:
+        raise ValueError(f"method {method!r} needs calibration_tokens (b, s)")
+    inputs = (
+        model.attention_inputs(calibration_tokens) if calibration_tokens is not None else [None] * len(model.layers)
+    )
+    for layer, layer_inputs in zip(model.layers, inputs, strict=True):
+        attention = layer.self_attn
+        search.add_layer(
+            attention, layer_inputs, lambda sizes, a=attention, x=layer_inputs: chosen.convert(a, x, sizes)
+        )
+    converted = iter(search.chosen())
+    return convert_model(model, lambda _attention, _inputs: next(converted), calibration_tokens=None)

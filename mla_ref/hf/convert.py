@@ -46,6 +46,7 @@ from mla_ref._checks import require_choice, require_non_negative_int, require_po
 from mla_ref.calculator import DTYPES
 from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.model import mla_config
+from mla_ref.convert.split_choice import SplitSearch
 from mla_ref.data import load_corpus
 from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config
@@ -211,13 +212,14 @@ class _Layers:
     bounds: list[float]  # input_bound of each layer's input norm
 
 
-def _layer_sizes(options: ConvertOptions, attention) -> dict:
-    """The method's sizes for one source layer (``Method.sizes``), the written form's anchor kept in budget."""
+def _candidate_sizes(options: ConvertOptions, attention) -> list[dict]:
+    """The method's candidate sizes for one source layer (``Method.candidate_sizes``), the written form's anchor kept
+    in budget; one entry unless the method chooses its split by measurement."""
     method = METHODS[options.method]
     if options.profile is not None:
         kv_lora_rank, rope_dim = engine_sizes(attention, reserve=options.reserved_elements())
-        return method.sizes(attention, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, **options.method_options())
-    return method.sizes(
+        return [method.sizes(attention, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, **options.method_options())]
+    return method.candidate_sizes(
         attention,
         budget=options.budget,
         kv_lora_rank=options.kv_lora_rank,
@@ -229,35 +231,50 @@ def _layer_sizes(options: ConvertOptions, attention) -> dict:
 
 @torch.no_grad()
 def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibration: int, quiet: bool):
-    """Pass 1: run the source layer by layer on ``hidden`` (calibration windows first), converting each layer.
+    """Pass 1: run the source layer by layer on ``hidden`` (calibration windows first), converting each layer at
+    every candidate split (``SplitSearch``; one split unless the method measures its choice).
 
-    Returns the kept layers and the source's final hidden states.  Shapes: hidden (n, s, D), fp32.
+    Returns the kept layers at the chosen split, the search (for the report) and the source's final hidden states.
+    Shapes: hidden (n, s, D), fp32.
     """
     kept = _Layers([], [], [], [])
+    search = None
     for i in tqdm(range(source.config.n_layers), desc="convert", disable=quiet, leave=False):
         block = source.block(i)
         calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
         bound = input_bound(block.input_layernorm.weight)
-        sizes = _layer_sizes(options, block.self_attn)
-        with _one_thread():
-            module = convert_layer(block.self_attn, calibration_inputs, options.method, sizes)
+        if search is None:
+            search = SplitSearch(_candidate_sizes(options, block.self_attn))
+
+        def convert(sizes: dict, attention=block.self_attn, inputs=calibration_inputs, bound=bound):
+            module = convert_layer(attention, inputs, options.method, sizes)
             if options.q_lora_rank is not None:
-                rank = options.q_lora_rank
-                module = low_rank_query(module, calibration_inputs, rank, mode=options.norm, bound=bound)
+                module = low_rank_query(module, inputs, options.q_lora_rank, mode=options.norm, bound=bound)
+            return module
+
+        def keep(module, inputs=calibration_inputs, bound=bound):
+            fit = None
             if options.format == "deepseek-v3":
                 d_c, down = module.kv_lora_rank, module.kv_a_proj_with_mqa
-                latent = down(calibration_inputs)[..., :d_c].flatten(0, 1)  # (T, d_c), before any norm
+                latent = down(inputs)[..., :d_c].flatten(0, 1)  # (T, d_c), before any norm
                 bias = None if down.bias is None else down.bias[:d_c]
-                kept.fits.append(fit_norm(latent, anchor=anchor_constant(down.weight[:d_c], bias, bound)))
+                fit = fit_norm(latent, anchor=anchor_constant(down.weight[:d_c], bias, bound))
+            return module.to(dtype), fit
+
+        with _one_thread():
+            search.add_layer(block.self_attn, calibration_inputs, convert, keep)
         hidden = block(hidden)
         kept.bounds.append(bound)
-        kept.attention.append(module.to(dtype))
         kept.rest.append(
             {k: v.to(dtype).clone() for k, v in block.state_dict().items() if not k.startswith("self_attn.")}
         )
-        del block, module, calibration_inputs
+        del block, calibration_inputs
         _release_freed_memory()
-    return kept, hidden
+    for module, fit in search.chosen():
+        kept.attention.append(module)
+        if fit is not None:
+            kept.fits.append(fit)
+    return kept, search, hidden
 
 
 @torch.no_grad()
@@ -340,7 +357,9 @@ def convert_checkpoint(
     inputs = calibration if streams is None else torch.cat([calibration, streams.inputs])
 
     embed = source.stored("embed_tokens.weight")  # (vocab, D) as stored: the largest tensor, kept once
-    kept, hidden = _convert_layers(source, options, dtype, F.embedding(inputs, embed).float(), len(calibration), quiet)
+    kept, search, hidden = _convert_layers(
+        source, options, dtype, F.embedding(inputs, embed).float(), len(calibration), quiet
+    )
     final_norm = source.tensor("norm.weight")
     head = embed if config.tie_embeddings else source.stored("lm_head.weight")
     rope_fit = None
@@ -405,6 +424,7 @@ def convert_checkpoint(
         warning=warning,
         calibration=f"{calibration.numel():,} tokens in {len(calibration)} windows of {options.seq_len} "
         f"{'spread evenly over' if spread else 'from the start of'} the train split of {corpus.root}",
+        split=search.describe(),
         evaluation=""
         if streams is None
         else f"{streams.targets.numel():,} tokens of the validation split of {corpus.root}, windows of {options.seq_len}",

@@ -43,6 +43,7 @@ class ConversionReport:
     quality: dict = field(default_factory=dict)  # name -> Quality, "source" first
     evaluation: str = ""
     calibration: str = ""  # which tokens the method calibrated on
+    split: str = ""  # how the budget's split into d_R and d_c was chosen, when the method measured it
     seconds: float = 0.0
     warning: str | None = None  # why the written form was refused, when --force wrote it anyway
     method_title: str = ""  # the method's one-line description (mla_ref.convert.METHODS)
@@ -56,6 +57,8 @@ class ConversionReport:
             f"KV cache per token: {self.cache['source_bytes']:,} B -> {self.cache['output_bytes']:,} B "
             f"({self.cache['output_bytes'] / self.cache['source_bytes']:.1%} of the source) at {self.cache['dtype']}",
         ]
+        if self.split:
+            lines.append(f"split chosen by the {self.split}")
         if self.rope is not None:
             state = (
                 "exact"
@@ -96,6 +99,7 @@ class ConversionReport:
             + ", ".join(f"{k} {v}" for k, v in self.mla_sizes.items()),
             *(f"  {n}. {step}" for n, step in enumerate(self.method_steps, 1)),
             *([f"- calibration: {self.calibration}"] if self.calibration else []),
+            *([f"- split of the budget chosen by the {self.split}"] if self.split else []),
             f"- format `{self.options['format']}`, weights stored as {self.cache['dtype']}",
             f"- KV cache per token per layer: {self.cache['source_elements']} elements in the source, "
             f"{self.cache['output_elements']} here; over all layers {self.cache['source_bytes']:,} B -> "
@@ -144,6 +148,7 @@ class ConversionReport:
             "quality": {k: dataclasses.asdict(v) for k, v in self.quality.items()},
             "evaluation": self.evaluation,
             "calibration": self.calibration,
+            "split": self.split,
             "seconds": round(self.seconds, 1),
         }
         out += record_section(record)
