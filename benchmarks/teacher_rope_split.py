@@ -6,9 +6,9 @@ SmolLM2-135M converts best at 25% of its cache with d_R = B/3 = 32, not the reci
 (``rope_split.py``).  This asks the same of the shipped teachers: each is converted by the registry's recipe
 (``mla_ref.convert.model.convert_model``, mla-ref form) at 50% and 25% of its cache with both splits, calibrated on
 16 random windows of 256 bytes of the train split (seed 0), and its perplexity is measured on the first 16,384 bytes
-of the validation split, as a ratio to the teacher's own; beside it, the mean over layers of each converted layer's
-relative output error E_l on the calibration inputs, by which the converter chooses the split
-(``mla_ref.convert.split_choice``).  Prints one line per conversion.
+of the validation split, as a ratio to the teacher's own; beside it what the converter chooses the split by
+(``mla_ref.convert.split_choice``): the whole model's KL to the teacher on the calibration windows, and the mean over
+layers of each converted layer's relative output error E_l there.  Prints one line per conversion.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> int:
     from mla_ref.convert import get_method
     from mla_ref.convert.model import convert_model
     from mla_ref.convert.refit import output_error
+    from mla_ref.convert.split_choice import kl_to_source
     from mla_ref.data import load_corpus, random_batch, validation_windows
     from mla_ref.train import TEACHERS_DIR, evaluate
 
@@ -49,9 +50,11 @@ def main() -> int:
 
                 model = convert_model(teacher, convert_layer, calibration)
                 ratio = evaluate(model, windows).perplexity / teacher_ppl
+                with torch.no_grad():
+                    kl = kl_to_source(teacher(calibration), model(calibration))
                 print(
                     f"{name} teacher, {budget:.0%} ({elements} elements): d_R {rope_dim:3d} ({label:4s}) {ratio:.3f}×"
-                    f"   mean E_l {sum(errors) / len(errors):.4f}",
+                    f"   calibration KL {kl:.4f}   mean E_l {sum(errors) / len(errors):.4f}",
                     flush=True,
                 )
     return 0

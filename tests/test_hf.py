@@ -548,7 +548,7 @@ def test_a_budget_with_a_rope_dim_splits_the_budget_that_way(llama_dir, calib_di
     assert record["split"] == ""  # d_R given: nothing chosen
 
 
-def test_a_budget_alone_lets_the_recipe_choose_its_split_by_the_layer_error(llama_dir, calib_dir, tmp_path):
+def test_a_budget_alone_lets_the_recipe_choose_its_split_by_the_model_kl(llama_dir, calib_dir, tmp_path):
     import re
 
     from mla_ref.records import read_record
@@ -557,12 +557,15 @@ def test_a_budget_alone_lets_the_recipe_choose_its_split_by_the_layer_error(llam
     assert convert_command([str(llama_dir), str(out), "--budget", "0.25", "--calib-dir", str(calib_dir), "--calib-tokens", "512", "--eval-tokens", "0", "--seq-len", "32", "--quiet"]) == 0  # fmt: skip
     record = read_record(out / "CONVERSION.md")
     # B = 16 of the source's 2 · 2 · 16: d_R = B/2 = 8 (the rule) and B/3 → 4, one element of d_c the anchor
-    tried = {int(d): float(e) for d, e in re.findall(r"d_R (\d+) \+ d_c \d+: ([0-9.]+)", record["split"])}
+    pattern = r"d_R (\d+) \+ d_c (\d+): KL ([0-9.]+), mean E_l ([0-9.]+)"
+    tried = {int(d): (int(c), float(kl), float(e)) for d, c, kl, e in re.findall(pattern, record["split"])}
     assert set(tried) == {8, 4}, record["split"]
-    chosen = min(tried, key=tried.get)
-    assert f"d_R {chosen} + d_c {15 - chosen}: {tried[chosen]:.4f} (chosen)" in record["split"]
+    assert all(d_c == 15 - d_r for d_r, (d_c, _, _) in tried.items())
+    chosen = min(tried, key=lambda d_r: tried[d_r][1])  # the lower KL to the source on calibration text
+    assert re.search(rf"d_R {chosen} \+ d_c \d+: [^,]+, [^,]+ \(chosen\)", record["split"]), record["split"]
+    assert record["split"].count("(chosen)") == 1
     assert json.loads((out / "config.json").read_text())["qk_rope_head_dim"] == chosen
-    assert "split of the budget chosen by the mean layer output error" in (out / "CONVERSION.md").read_text()
+    assert "split of the budget chosen by the KL to the source" in (out / "CONVERSION.md").read_text()
 
 
 # ---- eval and kv-cache on the written directories ------------------------------------------------------------------

@@ -8,7 +8,8 @@ come out with the same MLA sizes (d_c, d_N, d_R, d_v); each keeps its own RoPE f
 
 ``convert_model_by_method(model, name, calibration_tokens, budget=F)`` converts with a registered method
 (``mla_ref.convert.methods``) and, where the method tries more than one split of the budget, keeps the split whose
-layers come out closest to their sources (``mla_ref.convert.split_choice``) — as ``python -m mla_ref convert`` does.
+converted model is closest to the source on the calibration tokens (``mla_ref.convert.split_choice``) — as
+``python -m mla_ref convert`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.methods import get_method
-from mla_ref.convert.split_choice import SplitSearch
+from mla_ref.convert.split_choice import SplitSearch, kl_to_source
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.rope import inverse_frequencies
@@ -110,8 +111,8 @@ def convert_model_by_method(
 ) -> TinyLM:
     """``model`` converted by the method called ``method`` at the sizes ``Method.candidate_sizes`` gives.
 
-    With several candidate splits (the recipe with a budget), every layer is converted at each and the split with
-    the lowest mean layer error on the calibration inputs is kept (``SplitSearch``).  Shapes: calibration_tokens
+    With several candidate splits (the recipe with a budget), every layer is converted at each and the split whose
+    whole model is closest to the source on the calibration tokens (KL) is kept (``SplitSearch``).  Shapes: calibration_tokens
     (b, s) int64 (None only for ``exact``).
     """
     if model.config.attention == "mla":
@@ -133,5 +134,14 @@ def convert_model_by_method(
         search.add_layer(
             attention, layer_inputs, lambda sizes, a=attention, x=layer_inputs: chosen.convert(a, x, sizes)
         )
-    converted = iter(search.chosen())
-    return convert_model(model, lambda _attention, _inputs: next(converted), calibration_tokens=None)
+    if search.choosing():  # the whole model at each split, against the source on the calibration tokens
+        source_logits = model(calibration_tokens)
+        for layers in search.kept:
+            search.model_kl.append(kl_to_source(source_logits, _with_layers(model, layers)(calibration_tokens)))
+    return _with_layers(model, search.chosen())
+
+
+def _with_layers(model: TinyLM, layers: list[MultiHeadLatentAttention]) -> TinyLM:
+    """``model`` with ``layers`` (one converted attention per block, in order) in place of its attention."""
+    remaining = iter(layers)
+    return convert_model(model, lambda _attention, _inputs: next(remaining))

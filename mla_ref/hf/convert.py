@@ -234,7 +234,8 @@ def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibratio
     """Pass 1: run the source layer by layer on ``hidden`` (calibration windows first), converting each layer at
     every candidate split (``SplitSearch``; one split unless the method measures its choice).
 
-    Returns the kept layers at the chosen split, the search (for the report) and the source's final hidden states.
+    Returns the rest of each block (``kept``, its attention still empty), the search holding every candidate's
+    layers and fits, and the source's final hidden states.
     Shapes: hidden (n, s, D), fp32.
     """
     kept = _Layers([], [], [], [])
@@ -270,11 +271,27 @@ def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibratio
         )
         del block, calibration_inputs
         _release_freed_memory()
-    for module, fit in search.chosen():
-        kept.attention.append(module)
-        if fit is not None:
-            kept.fits.append(fit)
     return kept, search, hidden
+
+
+@torch.no_grad()
+def _measure_candidates(
+    config: ModelConfig, search: SplitSearch, rest: list, guard: Streams, source_hidden, embed, final_norm, head
+) -> None:
+    """The whole model's KL to the source on the guard windows (calibration text) at each candidate split, into
+    ``search.model_kl``.  Shapes: source_hidden (n_guard, s, D), the source's final hidden states there."""
+    streams = Streams(guard.inputs, guard.targets)
+    streams.hidden["source"] = source_hidden
+    for k, layers in enumerate(search.kept):
+        modules = [module.float() for module, _ in layers]
+        exact_config = _mla_config(config, modules, stock=False)
+        hidden = F.embedding(guard.inputs, embed).float()
+        for i, module in enumerate(modules):
+            layer_rest = {name: tensor.float() for name, tensor in rest[i].items()}
+            hidden = block_from_state(exact_config, i, _block_state(module, layer_rest))(hidden)
+        streams.hidden[k] = hidden
+    quality = streams.quality(final_norm, head, config.norm_eps)
+    search.model_kl = [quality[k].kl_to_source for k in range(len(search.kept))]
 
 
 @torch.no_grad()
@@ -362,6 +379,12 @@ def convert_checkpoint(
     )
     final_norm = source.tensor("norm.weight")
     head = embed if config.tie_embeddings else source.stored("lm_head.weight")
+    if search.choosing():
+        _measure_candidates(config, search, kept.rest, guard, hidden[: len(guard.inputs)], embed, final_norm, head)
+    for module, fit in search.chosen():
+        kept.attention.append(module)
+        if fit is not None:
+            kept.fits.append(fit)
     rope_fit = None
     if stock:  # the one RoPE table of the DeepSeek-V3 config
         hint = config.rope_theta ** (kept.attention[0].qk_rope_head_dim / config.head_dim)
