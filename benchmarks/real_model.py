@@ -151,7 +151,9 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
         "# SmolLM2-135M converted to MLA: quality as stock transformers runs it",
         "",
         f"Reproduce: `python benchmarks/real_model.py --budgets {args.budgets} --methods {args.methods} "
-        f"--calib-tokens {args.calib_tokens} --eval-tokens {args.eval_tokens}` ({torch_threads} CPU threads, "
+        f"--calib-tokens {args.calib_tokens} --eval-tokens {args.eval_tokens}"
+        + ("" if Path(args.out) == RESULTS / "real_model.md" else f" --out {args.out}")
+        + f"` ({torch_threads} CPU threads, "
         f"torch {torch.__version__}).",
         "",
         "Source: SmolLM2-135M-Instruct, dequantized from the 4-bit Q4_1 file the package index ships (see its "
