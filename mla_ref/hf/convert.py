@@ -2,8 +2,10 @@
 
     source (llama / qwen2 / mistral directory, or an mla_ref GQA-family checkpoint)
       │  pass 1, per layer: read the layer's tensors, run it on calibration and evaluation tokens,
-      │          convert its attention (exact / TransMLA / MHA2MLA; after a lossy method, o_proj is re-solved
-      │          against the source layer's output, ``refit_output_proj``), keep only the result
+      │          convert its attention by the chosen method (``mla_ref.convert.methods``) at every candidate
+      │          split of the budget — the recipe tries two, the others one — and keep only the results
+      │  then, with two candidates: run each whole converted model on the first calibration windows and keep
+      │          the split with the lower KL to the source (``mla_ref.convert.split_choice``)
       ▼
     exact-form MLA layers (no latent norm, each key pair turning with its source frequency)
       │  pass 2, per layer: bring the layer into stock DeepSeek-V3 form (``mla_ref.hf.stock``) and run the
@@ -11,8 +13,8 @@
       ▼
     OUT: DeepSeek-V3 layout (default) or mla_ref's own format, CONVERSION.md, the source's tokenizer files
 
-Only one source layer is in memory at a time, beside the converted model: peak memory stays well under two
-copies of the model.  The hidden states of the source, the converted and the stock model are carried through
+Only one source layer is in memory at a time, beside the converted model (one per candidate split, each a small
+part of the model: the attention layers): peak memory stays well under two copies of the model.  The hidden states of the source, the converted and the stock model are carried through
 the layers side by side, so the quality report (max logit error, KL to the source, perplexity) needs no
 second copy either.  OUT is written into a temporary folder beside it and renamed into place at the end.
 
