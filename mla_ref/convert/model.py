@@ -134,11 +134,13 @@ def convert_model_by_method(
         search.add_layer(
             attention, layer_inputs, lambda sizes, a=attention, x=layer_inputs: chosen.convert(a, x, sizes)
         )
-    if search.choosing():  # the whole model at each split, against the source on the calibration tokens
-        source_logits = model(calibration_tokens)
-        for layers in search.kept:
-            search.model_kl.append(kl_to_source(source_logits, _with_layers(model, layers)(calibration_tokens)))
-    return _with_layers(model, search.chosen())
+    if not search.choosing():
+        return _with_layers(model, search.chosen())
+    # the whole model at each split, against the source on the calibration tokens; the closest one is returned
+    source_logits = model(calibration_tokens)
+    candidates = [_with_layers(model, layers) for layers in search.kept]
+    search.model_kl = [kl_to_source(source_logits, candidate(calibration_tokens)) for candidate in candidates]
+    return candidates[search.best()]
 
 
 def _with_layers(model: TinyLM, layers: list[MultiHeadLatentAttention]) -> TinyLM:
