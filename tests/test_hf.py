@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from mla_ref import checkpoint
 from mla_ref.cli.convert import convert_command, export_command
 from mla_ref.cli.lab import evaluate_command
+from mla_ref.data import load_corpus
 from mla_ref.hf import (
     ConvertOptions,
     convert_checkpoint,
@@ -37,7 +38,7 @@ from mla_ref.hf import (
     stock_mla,
     text_tokens,
 )
-from mla_ref.hf.files import calibration_windows
+from mla_ref.hf.files import CalibrationText, calibration_windows
 from mla_ref.hf.stock import input_bound, standard_table
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
@@ -317,6 +318,45 @@ def test_a_text_too_short_to_spread_calibrates_on_its_first_windows(tmp_path):
     windows, spread = calibration_windows(tmp_path, data, 256, n_tokens=8 * 64, seq_len=64)
     assert not spread and windows.shape == (4, 65)  # 299 targets hold four windows of 64
     assert torch.equal(windows[:, :-1].flatten(), torch.arange(256))
+
+
+def test_calibration_text_given_by_the_caller_replaces_the_folders_windows(llama_dir, calib_dir, tmp_path):
+    """The windows the folder would give, passed in by hand, give the same weights; the report names them."""
+    options = _small_options(calib_dir=str(calib_dir), kv_lora_rank=24, rope_dim=8)
+    config = json.loads((llama_dir / "config.json").read_text())
+    windows, _ = calibration_windows(llama_dir, load_corpus(calib_dir).train, config["vocab_size"], 512, 64)
+    from_folder = convert_checkpoint(llama_dir, tmp_path / "folder", options)
+    given = convert_checkpoint(
+        llama_dir, tmp_path / "given", options, calibration_text=CalibrationText(windows, "the folder's windows")
+    )
+    assert given.calibration == "512 tokens in 8 windows of 64 given by the caller: the folder's windows"
+    assert from_folder.calibration.startswith("512 tokens in 8 windows of 64 spread evenly")
+    expected, written = (
+        load_file(tmp_path / "folder" / "model.safetensors"),
+        load_file(tmp_path / "given" / "model.safetensors"),
+    )
+    assert expected.keys() == written.keys()
+    for name in expected:
+        torch.testing.assert_close(written[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "windows, message",
+    [
+        (torch.zeros(4, 64, dtype=torch.long), r"shape \(n, seq_len \+ 1\) = \(n, 65\)"),
+        (torch.zeros(4, 65), "integer token ids"),
+        (torch.full((4, 65), 10**6), r"the source's vocabulary is \[0, "),
+    ],
+)
+def test_bad_calibration_text_is_refused_before_anything_is_written(llama_dir, calib_dir, tmp_path, windows, message):
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(
+            llama_dir,
+            tmp_path / "out",
+            _small_options(calib_dir=str(calib_dir), kv_lora_rank=24, rope_dim=8),
+            calibration_text=CalibrationText(windows, "bad"),
+        )
+    assert not (tmp_path / "out").exists()
 
 
 @needs_transformers

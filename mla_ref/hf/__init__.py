@@ -20,13 +20,14 @@ needed only to check the results.
 
 from mla_ref.hf.convert import ConversionReport, ConvertOptions, convert_checkpoint
 from mla_ref.hf.deepseek import load_deepseek
-from mla_ref.hf.files import text_tokens
+from mla_ref.hf.files import CalibrationText, text_tokens
 from mla_ref.hf.llama import LlamaCheckpoint, llama3_frequencies, load_llama, model_config_from_hf
 from mla_ref.hf.models import export_model, load_model
 from mla_ref.hf.recover import RecoverOptions, recover_checkpoint
 from mla_ref.hf.stock import fit_norm, fit_rope_theta, stock_mla
 
 __all__ = [
+    "CalibrationText",
     "ConversionReport",
     "ConvertOptions",
     "LlamaCheckpoint",

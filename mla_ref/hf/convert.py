@@ -53,6 +53,7 @@ from mla_ref.data import load_corpus
 from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config
 from mla_ref.hf.files import (
+    CalibrationText,
     calibration_windows,
     copy_carried_files,
     first_windows,
@@ -342,11 +343,14 @@ def convert_checkpoint(
     overwrite: bool = False,
     quiet: bool = True,
     command: str | None = None,
+    calibration_text: CalibrationText | None = None,
 ) -> ConversionReport:
     """Convert ``source_dir`` into ``output_dir`` (see the module docstring); returns the report it wrote.
 
     ``source_dir`` is never modified; ``output_dir`` appears only when complete, and an existing one is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``.  ``calibration_text``: windows to calibrate on in place of
+    ``options.calib_tokens`` tokens of the calibration folder's train split (which then only gives the evaluation
+    text): a mix of code and prose, say (``benchmarks/calibration_text.py``).
     """
     start = time.perf_counter()
     options = options or ConvertOptions()
@@ -362,9 +366,14 @@ def convert_checkpoint(
 
     # calibration windows (train split) and evaluation windows (validation split), as token ids
     corpus = load_corpus(options.calib_dir)
-    calibration, spread = calibration_windows(
-        source.root, corpus.train, config.vocab_size, options.calib_tokens, options.seq_len
-    )
+    if calibration_text is None:
+        calibration, spread = calibration_windows(
+            source.root, corpus.train, config.vocab_size, options.calib_tokens, options.seq_len
+        )
+        where = f"{'spread evenly over' if spread else 'from the start of'} the train split of {corpus.root}"
+    else:
+        calibration = calibration_text.checked(config.vocab_size, options.seq_len)
+        where = f"given by the caller: {calibration_text.description}"
     # the written form is checked against the conversion on (up to) the first GUARD_TOKENS calibration tokens
     n_guard = max(1, GUARD_TOKENS // options.seq_len)  # windows
     guard = Streams(calibration[:n_guard, :-1], calibration[:n_guard, 1:])
@@ -447,8 +456,7 @@ def convert_checkpoint(
         norm_errors=None if not fits else {k: sum(f.errors[k] for f in fits) / len(fits) for k in fits[0].errors},
         quality=quality,
         warning=warning,
-        calibration=f"{calibration.numel():,} tokens in {len(calibration)} windows of {options.seq_len} "
-        f"{'spread evenly over' if spread else 'from the start of'} the train split of {corpus.root}",
+        calibration=f"{calibration.numel():,} tokens in {len(calibration)} windows of {options.seq_len} {where}",
         split=search.describe(),
         evaluation=""
         if streams is None

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -215,6 +216,35 @@ def first_windows(
     text is shorter).  A tokenizer needs fewer than 8 bytes a token, so 8 bytes per token are read."""
     tokens = text_tokens(directory, data[: 8 * (n_tokens + seq_len + 1)], vocab_size)
     return validation_windows(tokens, seq_len, n_tokens)
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    """Calibration windows a caller prepared (a mix of texts, say) in place of the calibration folder's train split.
+
+    windows: (n, seq_len + 1) token ids in the source's vocabulary; description: what they are, in words, for
+    CONVERSION.md (e.g. "16,384 tokens of code and 8,192 of English prose").
+    """
+
+    windows: torch.Tensor
+    description: str
+
+    def checked(self, vocab_size: int, seq_len: int) -> torch.Tensor:
+        """The windows as int64, after checking their shape against ``seq_len`` and their ids against the vocabulary."""
+        windows = self.windows
+        if windows.ndim != 2 or windows.shape[1] != seq_len + 1 or windows.shape[0] < 1:
+            raise ValueError(
+                f"calibration windows must have shape (n, seq_len + 1) = (n, {seq_len + 1}) with n ≥ 1, "
+                f"got {tuple(windows.shape)}"
+            )
+        if windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
+            raise ValueError(f"calibration windows must hold integer token ids, got dtype {windows.dtype}")
+        if int(windows.min()) < 0 or int(windows.max()) >= vocab_size:
+            raise ValueError(
+                f"calibration windows hold token ids in [{int(windows.min())}, {int(windows.max())}]; "
+                f"the source's vocabulary is [0, {vocab_size})"
+            )
+        return windows.long()
 
 
 def calibration_windows(
