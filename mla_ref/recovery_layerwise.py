@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mla_ref._checks import require_choice, require_positive_int
+from mla_ref._checks import require_choice, require_positive_int, require_tokens
 from mla_ref.model import TinyLM
 from mla_ref.profile import resolve_device
 from mla_ref.recovery_steps import (
@@ -41,7 +41,6 @@ from mla_ref.recovery_steps import (
     require_lr,
     require_pair,
     require_time_limit,
-    require_tokens,
     touches_kept,
     trainable,
 )

@@ -50,19 +50,6 @@ def require_pair(student: TinyLM, teacher: TinyLM) -> None:
             )
 
 
-def require_tokens(name: str, tokens, vocab_size: int, *, min_len: int) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] < min_len or not len(tokens):
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"{name} must be a non-empty (n, s) tensor of token ids with s ≥ {min_len}, got {shape}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
-        raise ValueError(
-            f"{name} holds ids outside [0, {vocab_size}): min {int(tokens.min())}, max {int(tokens.max())}"
-        )
-    return tokens.long()
-
-
 def require_keep(student: TinyLM, keep) -> tuple[str, ...]:
     """``keep`` as a tuple of parameter names that every attention layer of ``student`` has."""
     if isinstance(keep, str):

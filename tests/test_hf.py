@@ -343,9 +343,10 @@ def test_calibration_text_given_by_the_caller_replaces_the_folders_windows(llama
 @pytest.mark.parametrize(
     "windows, message",
     [
-        (torch.zeros(4, 64, dtype=torch.long), r"shape \(n, seq_len \+ 1\) = \(n, 65\)"),
+        (torch.zeros(4, 64, dtype=torch.long), r"with s ≥ 65"),
+        (torch.zeros(4, 66, dtype=torch.long), r"must be 65 tokens long \(seq_len \+ 1\), got 66"),
         (torch.zeros(4, 65), "integer token ids"),
-        (torch.full((4, 65), 10**6), r"the source's vocabulary is \[0, "),
+        (torch.full((4, 65), 10**6), r"ids outside \[0, "),
     ],
 )
 def test_bad_calibration_text_is_refused_before_anything_is_written(llama_dir, calib_dir, tmp_path, windows, message):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mla_ref._checks import require_tokens
 from mla_ref.checkpoint import written_in_place_of
 from mla_ref.data import validation_windows
 from mla_ref.tensor_files import SAFETENSORS_DTYPES, write_safetensors
@@ -231,20 +232,12 @@ class CalibrationText:
 
     def checked(self, vocab_size: int, seq_len: int) -> torch.Tensor:
         """The windows as int64, after checking their shape against ``seq_len`` and their ids against the vocabulary."""
-        windows = self.windows
-        if windows.ndim != 2 or windows.shape[1] != seq_len + 1 or windows.shape[0] < 1:
+        windows = require_tokens("calibration windows", self.windows, vocab_size, min_len=seq_len + 1)
+        if windows.shape[1] != seq_len + 1:
             raise ValueError(
-                f"calibration windows must have shape (n, seq_len + 1) = (n, {seq_len + 1}) with n ≥ 1, "
-                f"got {tuple(windows.shape)}"
+                f"calibration windows must be {seq_len + 1} tokens long (seq_len + 1), got {windows.shape[1]}"
             )
-        if windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
-            raise ValueError(f"calibration windows must hold integer token ids, got dtype {windows.dtype}")
-        if int(windows.min()) < 0 or int(windows.max()) >= vocab_size:
-            raise ValueError(
-                f"calibration windows hold token ids in [{int(windows.min())}, {int(windows.max())}]; "
-                f"the source's vocabulary is [0, {vocab_size})"
-            )
-        return windows.long()
+        return windows
 
 
 def calibration_windows(
