@@ -73,21 +73,13 @@ def own_samples(source_dir: Path, n_tokens: int) -> torch.Tensor:
     return torch.cat(windows)  # (n, SEQ_LEN + 1)
 
 
-def interleaved(code: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """The windows of both, the other kind spaced evenly among the code's: (n_code + n_other, SEQ_LEN + 1)."""
-    if not len(other):
-        return code
-    order = torch.cat([torch.arange(len(code)) / len(code), (torch.arange(len(other)) + 0.5) / len(other)])
-    return torch.cat([code, other])[order.argsort(stable=True)]
-
-
 def main(argv: list[str] | None = None) -> int:
     from held_out import calibration_folder, prose_text, train_without_prose
 
     from mla_ref.data import load_corpus, stdlib_folder
     from mla_ref.hf import CalibrationText, ConvertOptions, convert_checkpoint
     from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.files import calibration_windows, read_config
+    from mla_ref.hf.files import calibration_windows, interleave_windows, read_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")
@@ -144,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(other):
                 kind = "English prose" if n_prose else "the model's own samples"
                 description += f" and {len(other) * SEQ_LEN:,} of {kind}"
-            text = CalibrationText(interleaved(code, other), description)
+            text = CalibrationText(interleave_windows(code, other), description)
             out = Path(work) / mix
             begun = time.perf_counter()
             report = convert_checkpoint(

@@ -7,7 +7,8 @@ into train and validation, so no file straddles the split.  Each split is the fi
 bytes joined by a blank line; its sha256 is recorded so a result can name its data.
 Tokens are bytes: vocabulary 256, no tokenizer.
 
-``load_corpus(folder)`` does the same for any folder of text files.
+``load_corpus(folder)`` does the same for any folder of text files; ``read_text_folder(folder)`` reads one whole,
+unsplit (text that only calibrates a conversion).
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ def load_corpus(
         train_sha256=hashlib.sha256(train_bytes).hexdigest(),
         val_sha256=hashlib.sha256(val_bytes).hexdigest(),
     )
+
+
+def read_text_folder(
+    folder: str | os.PathLike, suffixes: tuple[str, ...] | None = None
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Every text file under ``folder`` (``list_files``), joined whole with no split: (n,) uint8 and the files read.
+
+    For text that only calibrates (a conversion's second calibration folder), where no part needs holding out.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"text folder {str(root)!r} does not exist or is not a directory")
+    data, files = _join(root, list_files(root, suffixes))
+    if not data:
+        raise ValueError(f"text folder {str(root)!r} holds no UTF-8 text file")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), tuple(files)
 
 
 def random_batch(

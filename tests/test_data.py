@@ -5,7 +5,14 @@ import hashlib
 import pytest
 import torch
 
-from mla_ref.data import SKIPPED_DIRS, load_corpus, random_batch, stdlib_folder, validation_windows
+from mla_ref.data import (
+    SKIPPED_DIRS,
+    load_corpus,
+    random_batch,
+    read_text_folder,
+    stdlib_folder,
+    validation_windows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +67,25 @@ def test_bad_corpus_requests_are_refused(tmp_path):
         load_corpus(tmp_path)
     with pytest.raises(ValueError, match="val_fraction must lie strictly between 0 and 1"):
         load_corpus(tmp_path, val_fraction=1.0)
+
+
+def test_a_text_folder_is_read_whole_in_sorted_order(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.rst").write_text("first")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "skipped.txt").write_text("never read")
+    (tmp_path / "image.bin").write_bytes(bytes(range(256)))
+    data, files = read_text_folder(tmp_path)
+    assert files == ("a.rst", "b.txt")
+    assert data.numpy().tobytes() == b"first\n\nsecond"
+
+
+def test_bad_text_folders_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not exist or is not a directory"):
+        read_text_folder(tmp_path / "missing")
+    (tmp_path / "image.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="holds no UTF-8 text file"):
+        read_text_folder(tmp_path)
 
 
 def test_random_batch_targets_are_inputs_shifted_by_one():

@@ -8,6 +8,7 @@ Tests that need transformers skip with a reason when it is missing; the reading 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from mla_ref import checkpoint
 from mla_ref.cli.convert import convert_command, export_command
 from mla_ref.cli.lab import evaluate_command
-from mla_ref.data import load_corpus
+from mla_ref.data import load_corpus, read_text_folder
 from mla_ref.hf import (
     ConvertOptions,
     convert_checkpoint,
@@ -38,7 +39,7 @@ from mla_ref.hf import (
     stock_mla,
     text_tokens,
 )
-from mla_ref.hf.files import CalibrationText, calibration_windows
+from mla_ref.hf.files import CalibrationText, calibration_windows, interleave_windows
 from mla_ref.hf.stock import input_bound, standard_table
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
@@ -338,6 +339,74 @@ def test_calibration_text_given_by_the_caller_replaces_the_folders_windows(llama
     assert expected.keys() == written.keys()
     for name in expected:
         torch.testing.assert_close(written[name], expected[name], rtol=0, atol=0)
+
+
+def test_interleaved_windows_keep_both_kinds_in_every_leading_slice():
+    first, second = torch.zeros(6, 3, dtype=torch.long), torch.ones(3, 3, dtype=torch.long)
+    mixed = interleave_windows(first, second)
+    assert mixed[:, 0].tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 1]  # the second's spaced evenly among the first's
+    assert torch.equal(interleave_windows(first, second[:0]), first)
+
+
+@pytest.fixture(scope="module")
+def prose_dir(tmp_path_factory) -> Path:
+    """A second folder of text, of another kind than ``calib_dir``'s: three files of numbers."""
+    folder = tmp_path_factory.mktemp("prose")
+    for i in range(3):
+        (folder / f"chapter{i}.txt").write_text(" ".join(str(k * (i + 2)) for k in range(400)) + "\n")
+    return folder
+
+
+def test_a_second_calibration_folder_is_spaced_among_the_first(llama_dir, calib_dir, prose_dir, tmp_path):
+    """The folder's windows and the second folder's, interleaved by hand, give the same weights; the report names
+    both parts."""
+    options = _small_options(calib_dir=str(calib_dir), kv_lora_rank=24, rope_dim=8)
+    vocab = json.loads((llama_dir / "config.json").read_text())["vocab_size"]
+    windows, _ = calibration_windows(llama_dir, load_corpus(calib_dir).train, vocab, 512, 64)
+    extra, _ = calibration_windows(llama_dir, read_text_folder(prose_dir)[0], vocab, 256, 64)
+    by_hand = convert_checkpoint(
+        llama_dir, tmp_path / "hand", options, calibration_text=CalibrationText(interleave_windows(windows, extra), "")
+    )
+    two_folders = convert_checkpoint(
+        llama_dir,
+        tmp_path / "two",
+        dataclasses.replace(options, calib_extra_dir=str(prose_dir), calib_extra_tokens=256),
+    )
+    assert by_hand.calibration.startswith("768 tokens in 12 windows of 64")
+    assert two_folders.calibration == (
+        "768 tokens in 12 windows of 64 in two parts, the second's windows spaced evenly among the first's: "
+        f"512 tokens spread evenly over the train split of {calib_dir}; 256 tokens spread evenly over the 3 text "
+        f"files of {prose_dir}"
+    )
+    expected, written = (
+        load_file(tmp_path / "hand" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert expected.keys() == written.keys()
+    for name in expected:
+        torch.testing.assert_close(written[name], expected[name], rtol=0, atol=0)
+
+
+def test_bad_second_calibration_folders_are_refused_before_anything_is_written(
+    llama_dir, calib_dir, prose_dir, tmp_path, capsys
+):
+    with pytest.raises(ValueError, match="--calib-extra-tokens needs --calib-extra-dir"):
+        _small_options(calib_dir=str(calib_dir), calib_extra_tokens=256)
+    with pytest.raises(ValueError, match="calib_extra_tokens must be a positive integer"):
+        _small_options(calib_dir=str(calib_dir), calib_extra_dir=str(prose_dir), calib_extra_tokens=0)
+    missing = _small_options(
+        calib_dir=str(calib_dir), kv_lora_rank=24, rope_dim=8, calib_extra_dir=str(tmp_path / "no")
+    )
+    with pytest.raises(ValueError, match="text folder .* does not exist or is not a directory"):
+        convert_checkpoint(llama_dir, tmp_path / "out", missing)
+    both = _small_options(calib_dir=str(calib_dir), kv_lora_rank=24, rope_dim=8, calib_extra_dir=str(prose_dir))
+    windows = torch.zeros(8, 65, dtype=torch.long)
+    with pytest.raises(ValueError, match="give calibration_text or a second calibration folder"):
+        convert_checkpoint(llama_dir, tmp_path / "out", both, calibration_text=CalibrationText(windows, "mix"))
+    argv = [str(llama_dir), str(tmp_path / "out"), "--rope-dim", "8", "--kv-lora-rank", "24", "--quiet"]
+    assert convert_command([*argv, "--calib-extra-dir", str(tmp_path / "no")]) == 2
+    assert "does not exist or is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

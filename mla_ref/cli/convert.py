@@ -51,6 +51,11 @@ def convert_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-dir", default=None, help="folder of text (default: the Python standard library)")
     parser.add_argument("--calib-tokens", type=int, default=ConvertOptions.calib_tokens,
                         help=f"calibration tokens, spread over the train split (default {ConvertOptions.calib_tokens})")  # fmt: skip
+    parser.add_argument("--calib-extra-dir", default=None, help="a second folder of text, read whole, whose windows "
+                        "are spaced evenly among the first's: text of another kind the model will read (English "
+                        "prose beside code, say); the evaluation stays on --calib-dir's validation split")  # fmt: skip
+    parser.add_argument("--calib-extra-tokens", type=int, default=None,
+                        help="calibration tokens from --calib-extra-dir (default: as many as --calib-tokens)")  # fmt: skip
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of the quality report (0: skip it)")
     parser.add_argument("--seq-len", type=int, default=256, help="window length of calibration and evaluation")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="stored weights (default: the source's)")
@@ -73,6 +78,8 @@ def convert_command(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             calib_dir=args.calib_dir,
             calib_tokens=args.calib_tokens,
+            calib_extra_dir=args.calib_extra_dir,
+            calib_extra_tokens=args.calib_extra_tokens,
             eval_tokens=args.eval_tokens,
             seq_len=args.seq_len,
         )

@@ -262,6 +262,18 @@ def calibration_windows(
         return first_windows(directory, data, vocab_size, n_tokens, seq_len), False
 
 
+def interleave_windows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The windows of both, ``second``'s spaced evenly among ``first``'s: (n_1 + n_2, s + 1).
+
+    So any leading slice of the result (the converter checks its written form on the first calibration windows) holds
+    both kinds in proportion.
+    """
+    if not len(second):
+        return first
+    order = torch.cat([torch.arange(len(first)) / len(first), (torch.arange(len(second)) + 0.5) / len(second)])
+    return torch.cat([first, second])[order.argsort(stable=True)]
+
+
 def spread_windows(
     directory: Path, data: torch.Tensor, vocab_size: int, n_tokens: int, seq_len: int, pieces: int
 ) -> torch.Tensor:
