@@ -160,7 +160,7 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
         + (f" --prose-tokens {args.prose_tokens}" if args.prose_tokens else "")
         + f" --eval-tokens {args.eval_tokens}"
         + ("" if Path(args.out) == RESULTS / "real_model.md" else f" --out {args.out}")
-        + f"` ({torch_threads} CPU threads, "
+        + f"` ({torch_threads} CPU thread{'' if torch_threads == 1 else 's'}, "
         f"torch {torch.__version__}).",
         "",
         "Source: SmolLM2-135M-Instruct, dequantized from the 4-bit Q4_1 file the package index ships (see its "
