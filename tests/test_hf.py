@@ -321,6 +321,14 @@ def test_a_text_too_short_to_spread_calibrates_on_its_first_windows(tmp_path):
     assert torch.equal(windows[:, :-1].flatten(), torch.arange(256))
 
 
+def _assert_same_weights(expected_dir: Path, written_dir: Path) -> None:
+    """The two checkpoints' model.safetensors hold the same tensors, bit for bit."""
+    expected, written = load_file(expected_dir / "model.safetensors"), load_file(written_dir / "model.safetensors")
+    assert expected.keys() == written.keys()
+    for name in expected:
+        torch.testing.assert_close(written[name], expected[name], rtol=0, atol=0)
+
+
 def test_calibration_text_given_by_the_caller_replaces_the_folders_windows(llama_dir, calib_dir, tmp_path):
     """The windows the folder would give, passed in by hand, give the same weights; the report names them."""
     options = _small_options(calib_dir=str(calib_dir), kv_lora_rank=24, rope_dim=8)
@@ -332,13 +340,7 @@ def test_calibration_text_given_by_the_caller_replaces_the_folders_windows(llama
     )
     assert given.calibration == "512 tokens in 8 windows of 64 given by the caller: the folder's windows"
     assert from_folder.calibration.startswith("512 tokens in 8 windows of 64 spread evenly")
-    expected, written = (
-        load_file(tmp_path / "folder" / "model.safetensors"),
-        load_file(tmp_path / "given" / "model.safetensors"),
-    )
-    assert expected.keys() == written.keys()
-    for name in expected:
-        torch.testing.assert_close(written[name], expected[name], rtol=0, atol=0)
+    _assert_same_weights(tmp_path / "folder", tmp_path / "given")
 
 
 def test_interleaved_windows_keep_both_kinds_in_every_leading_slice():
@@ -378,13 +380,7 @@ def test_a_second_calibration_folder_is_spaced_among_the_first(llama_dir, calib_
         f"512 tokens spread evenly over the train split of {calib_dir}; 256 tokens spread evenly over the 3 text "
         f"files of {prose_dir}"
     )
-    expected, written = (
-        load_file(tmp_path / "hand" / "model.safetensors"),
-        load_file(tmp_path / "two" / "model.safetensors"),
-    )
-    assert expected.keys() == written.keys()
-    for name in expected:
-        torch.testing.assert_close(written[name], expected[name], rtol=0, atol=0)
+    _assert_same_weights(tmp_path / "hand", tmp_path / "two")
 
 
 def test_bad_second_calibration_folders_are_refused_before_anything_is_written(
