@@ -71,6 +71,24 @@ def text_windows(directory: Path, text: str, n_tokens: int) -> torch.Tensor:
     return validation_windows(tokens, SEQ_LEN, n_tokens)
 
 
+def held_out_texts(directory: Path, corpus, n_tokens: int) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The two held-out texts, code and prose: what each is, in words, and its (n, SEQ_LEN + 1) token windows for the
+    model in ``directory``.  ``corpus``: ``mla_ref.data.load_corpus()`` (the standard library)."""
+    from held_out import prose_text
+
+    texts = {
+        "code": f"the first {n_tokens:,} tokens of the validation split of {corpus.root} "
+        f"({len(corpus.val_files)} files held out from the {len(corpus.train_files)} train files)",
+        "prose": f"the first {n_tokens:,} tokens of the Python language reference's text in pydoc_data.topics "
+        "(topics in sorted order)",
+    }
+    windows = {
+        "code": text_windows(directory, corpus.val.numpy().tobytes().decode("utf-8", "replace"), n_tokens),
+        "prose": text_windows(directory, prose_text(), n_tokens),
+    }
+    return texts, windows
+
+
 @torch.no_grad()
 def log_probs(model, windows: torch.Tensor) -> torch.Tensor:
     """(n, SEQ_LEN, vocab) fp32 log-probabilities of the next token, computed by a transformers model."""
@@ -269,20 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import transformers
-    from held_out import calibration_folder, calibration_prose_folder, prose_text
+    from held_out import calibration_folder, calibration_prose_folder
 
     corpus = load_corpus()
-    prose = prose_text()
-    texts = {
-        "code": f"the first {args.eval_tokens:,} tokens of the validation split of {corpus.root} "
-        f"({len(corpus.val_files)} files held out from the {len(corpus.train_files)} train files)",
-        "prose": f"the first {args.eval_tokens:,} tokens of the Python language reference's text in pydoc_data.topics "
-        "(topics in sorted order)",
-    }
-    windows = {
-        "code": text_windows(source_dir, corpus.val.numpy().tobytes().decode("utf-8", "replace"), args.eval_tokens),
-        "prose": text_windows(source_dir, prose, args.eval_tokens),
-    }
+    texts, windows = held_out_texts(source_dir, corpus, args.eval_tokens)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
     model = load(source_dir)
     reference = {text: log_probs(model, w) for text, w in windows.items()}

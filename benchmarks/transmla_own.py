@@ -245,20 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import transformers
-    from held_out import calibration_folder, prose_text
-    from real_model import SEQ_LEN, compare, log_probs, text_windows
+    from held_out import calibration_folder
+    from real_model import SEQ_LEN, compare, held_out_texts, log_probs
 
     corpus = load_corpus()
-    texts = {
-        "code": f"the first {args.eval_tokens:,} tokens of the validation split of {corpus.root} "
-        f"({len(corpus.val_files)} files held out from the {len(corpus.train_files)} train files)",
-        "prose": f"the first {args.eval_tokens:,} tokens of the Python language reference's text in pydoc_data.topics "
-        "(topics in sorted order)",
-    }
-    windows = {
-        "code": text_windows(source_dir, corpus.val.numpy().tobytes().decode("utf-8", "replace"), args.eval_tokens),
-        "prose": text_windows(source_dir, prose_text(), args.eval_tokens),
-    }
+    texts, windows = held_out_texts(source_dir, corpus, args.eval_tokens)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # as TransMLA's loader sets it
     # eager attention, as TransMLA's loader asks for
