@@ -90,6 +90,7 @@ def write_source(directory: Path, shards: int, seed: int = 0) -> int:
     from mla_ref.hf.llama import expected_shapes, llama_config
     from mla_ref.model import ModelConfig
     from mla_ref.tensor_files import write_safetensors
+    from mla_ref.testing import write_byte_tokenizer
 
     config = ModelConfig(**QWEN25_05B)
     generator = torch.Generator().manual_seed(seed)
@@ -122,6 +123,7 @@ def write_source(directory: Path, shards: int, seed: int = 0) -> int:
     flush()
     index_data = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2))
+    write_byte_tokenizer(directory)  # a vocabulary other than 256 reads its text through a tokenizer
     return total
 
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mla_ref import provenance
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.mla import MultiHeadLatentAttention
-from mla_ref.records import CONVERSION_RECORD, read_record
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -423,16 +423,15 @@ def format_table(result: dict) -> str:
 
 
 def recorded_source(model: str) -> str | None:
-    """The source named by ``model/CONVERSION.md`` (a directory written by ``convert``), if it is readable.
+    """The source recorded in ``model/CONVERSION.md`` (a directory written by ``convert``), if it is still there.
 
-    Returns None when ``model`` is no such directory, or when the recorded source has gone (the output
-    stays useful on its own; ``--compare`` names another).
+    The source is found by the absolute path the record holds and checked against its fingerprint
+    (``mla_ref.provenance``): a different model now at that path is refused with a ValueError.  Returns None when
+    ``model`` is no such directory, or when the recorded source has gone (the output stays useful on its own;
+    ``--compare`` names another).
     """
-    path = Path(model) / CONVERSION_RECORD
-    if not path.is_file():
+    path, expected = provenance.recorded_source(model)
+    if path is None or not (path / "config.json").is_file():
         return None
-    source = read_record(path).get("source")
-    if not isinstance(source, str):
-        return None
-    source_path = Path(source)
-    return source if (source_path / "config.json").is_file() or source_path.is_file() else None
+    provenance.check_source(model, path, expected)
+    return str(path)

@@ -1,19 +1,15 @@
 """Save and load a TinyLM as ``config.json`` + ``model.safetensors`` (nothing is ever unpickled).
 
-``save`` writes into a temporary folder beside the target and renames it into place,
-so a crash never leaves a half-written checkpoint.  ``load`` checks the tensors against
+``save`` writes into a staging folder beside the target and renames it into place
+(``mla_ref.outputs``), so a crash never leaves a half-written checkpoint.  ``load`` checks the tensors against
 what the config says the model holds — names, shapes, finiteness — and refuses anything
 else with a ValueError that names the problem.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.outputs import check_output, staged_output
 from mla_ref.tensor_files import write_safetensors
 
 CONFIG_FILE = "config.json"
@@ -36,31 +33,6 @@ def _tensors_to_save(model: TinyLM) -> dict[str, torch.Tensor]:
     return state
 
 
-@contextlib.contextmanager
-def written_in_place_of(target: Path) -> Iterator[Path]:
-    """Yield an empty folder beside ``target``; on success it replaces ``target``, on any error it is removed.
-
-    So a reader never sees a half-written directory, and an interrupted write leaves nothing behind.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def save(
     model: TinyLM,
     directory: str | os.PathLike,
@@ -71,19 +43,15 @@ def save(
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` (at ``dtype``) and any ``extra_files`` (name -> text).
 
-    Refuses an existing non-empty ``directory`` unless ``overwrite``.  Returns the directory.
+    Refuses an existing non-empty ``directory`` unless ``overwrite`` (``mla_ref.outputs.check_output``).  Returns the directory.
     """
     if dtype not in STORAGE_DTYPES.values():
         raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"checkpoint path {str(target)!r} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"checkpoint directory {str(target)!r} is not empty; pass overwrite=True to replace it")
+    target = check_output(directory, overwrite=overwrite, name="checkpoint directory")
     for name in extra_files or {}:
         if name in (CONFIG_FILE, WEIGHTS_FILE) or Path(name).name != name:
             raise ValueError(f"extra file name {name!r} must be a plain file name other than the checkpoint's own")
-    with written_in_place_of(target) as staging:
+    with staged_output(target, overwrite=overwrite) as staging:
         config = {**model.config.to_dict(), "storage_dtype": str(dtype).removeprefix("torch.")}
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(staging / WEIGHTS_FILE, _tensors_to_save(model), dtype=dtype, metadata={"format": "pt"})
@@ -134,6 +102,10 @@ def load(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Ti
             raise ValueError(
                 f"{str(weights_path)!r}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                 f"the config needs {tuple(shape)}"
+            )
+        if not tensors[name].is_floating_point():
+            raise ValueError(
+                f"{str(weights_path)!r}: tensor {name!r} is stored as {tensors[name].dtype}; weights must be floating point"
             )
         if not torch.isfinite(tensors[name]).all():
             raise ValueError(f"{str(weights_path)!r}: tensor {name!r} holds NaN or infinite values")

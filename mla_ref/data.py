@@ -179,11 +179,12 @@ def validation_windows(data: torch.Tensor, seq_len: int, max_tokens: int) -> tor
     windows as fit in ``max_tokens`` predicted bytes.  Returns (n_windows, s + 1) int64.
     """
     require_positive_int("seq_len", seq_len)
-    require_positive_int("max_tokens", max_tokens)
+    require_positive_int("the number of evaluation tokens", max_tokens)
     n_windows = min(max_tokens // seq_len, (data.numel() - 1) // seq_len)
     if n_windows < 1:
         raise ValueError(
-            f"no evaluation window fits: data holds {data.numel()} bytes, max_tokens={max_tokens}, seq_len={seq_len}"
+            f"no evaluation window fits: the text holds {data.numel()} tokens and {max_tokens} were asked for, "
+            f"fewer than one window of {seq_len} (+1); ask for at least {seq_len} tokens, a shorter window, or more text"
         )
     starts = torch.arange(n_windows) * seq_len  # (n,)
     return data[starts[:, None] + torch.arange(seq_len + 1)[None, :]].long()  # (n, s + 1)

@@ -28,3 +28,18 @@ def check_far(name: str, actual: torch.Tensor, expected: torch.Tensor, *, at_lea
     if not error > at_least:
         raise AssertionError(f"{name}: expected a relative error above {at_least}, got {error:.3g}")
     print(f"{name}: relative error {error:.2f} > {at_least}: different, as expected")
+
+
+def write_byte_tokenizer(directory) -> None:
+    """Write ``directory/tokenizer.json``: one token per byte (256 ids, no merges), for the random models of tests
+    and benchmarks whose vocabulary is not 256 — a model directory without a tokenizer is read as bytes only when
+    its vocabulary is exactly 256.  Needs the ``tokenizers`` package (the ``hf`` extra)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters byte-level BPE spells bytes with
+    tokenizer = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))

@@ -55,7 +55,7 @@ def test_save_is_atomic_and_refuses_a_non_empty_directory(tmp_path):
     target = tmp_path / "ckpt"
     checkpoint.save(model, target, extra_files={"NOTES.md": "hello\n"})
     assert sorted(p.name for p in target.iterdir()) == ["NOTES.md", "config.json", "model.safetensors"]
-    with pytest.raises(ValueError, match="is not empty; pass overwrite=True"):
+    with pytest.raises(ValueError, match="is not empty; pass --overwrite"):
         checkpoint.save(model, target)
     other = make_model(attention="mqa")
     checkpoint.save(other, target, overwrite=True)

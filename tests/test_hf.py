@@ -43,6 +43,7 @@ from mla_ref.hf.files import CalibrationText, calibration_windows, interleave_wi
 from mla_ref.hf.stock import input_bound, standard_table
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.testing import write_byte_tokenizer
 from mla_ref.train import TEACHERS_DIR
 
 try:
@@ -116,6 +117,7 @@ def _save_hf(path: Path, model_type: str, seed: int = 0, **overrides):
     kwargs = dict(vocab_size=300, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
     model = _perturbed(model_class(config_class(**{**kwargs, **overrides})))
     model.save_pretrained(path, safe_serialization=True)
+    write_byte_tokenizer(path)  # its vocabulary is not 256: without a tokenizer its text would be refused
     return model
 
 
@@ -148,7 +150,8 @@ def llama_dir(tmp_path_factory) -> Path:
         )
     )
     checkpoint.save(model, root / "ckpt")
-    export_model(root / "ckpt", root / "llama", "llama")
+    write_byte_tokenizer(root / "ckpt")  # its vocabulary is not 256: without a tokenizer its text would be refused
+    export_model(root / "ckpt", root / "llama", "llama")  # which carries the tokenizer along
     return root / "llama"
 
 
@@ -614,8 +617,9 @@ def test_missing_directory_and_bad_options_are_refused(llama_dir, tmp_path, caps
     assert convert_command([str(llama_dir), str(tmp_path / "out"), "--method", "svd"]) == 2
     assert "invalid choice: 'svd'" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
     assert convert_command([str(llama_dir), str(tmp_path / "out")]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
 
 
 def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path, monkeypatch):

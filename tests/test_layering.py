@@ -11,7 +11,14 @@ PACKAGE_ROOT = Path(mla_ref.__file__).parent
 # Bottom up.  A module may import from its own layer or any layer below, never from one above.  A name ending in
 # "." is a package: the entry covers it and all its submodules.
 LAYERS: list[tuple[str, ...]] = [
-    ("mla_ref._checks", "mla_ref.records", "mla_ref.tensor_files", "mla_ref.testing"),
+    (
+        "mla_ref._checks",
+        "mla_ref.records",
+        "mla_ref.tensor_files",
+        "mla_ref.testing",
+        "mla_ref.outputs",
+        "mla_ref.provenance",
+    ),
     ("mla_ref.rope", "mla_ref.cache", "mla_ref.norm", "mla_ref.kernels."),
     ("mla_ref.attention",),
     ("mla_ref.mla", "mla_ref"),  # the package's __init__ exports the core, up to MLA

@@ -115,11 +115,12 @@ def test_the_command_refuses_bad_input_and_writes_nothing(converted_dir, tmp_pat
     err = refused([str(converted_dir), str(out), *SMALL, "--steps", "0"], capsys, tmp_path)
     assert "--steps must be a positive integer" in err
     err = refused([str(converted_dir), str(converted_dir), *SMALL, "--overwrite"], capsys, tmp_path)
-    assert "is an input of this command" in err
+    assert "is the input" in err
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
     err = refused([str(converted_dir), str(out), *SMALL], capsys, tmp_path)
-    assert "already exists" in err and "--overwrite" in err
-    assert not any(out.iterdir())
+    assert "exists and is not empty" in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
     if not torch.cuda.is_available():
         err = refused([str(converted_dir), str(tmp_path / "gpu"), *SMALL, "--device", "cuda"], capsys, tmp_path)
         assert "no CUDA device" in err

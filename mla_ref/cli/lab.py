@@ -20,6 +20,7 @@ from mla_ref.data import Corpus, load_corpus, validation_windows
 from mla_ref.hf.models import evaluate_directory
 from mla_ref.mla import ATTENTION_PATHS
 from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.outputs import check_output
 from mla_ref.records import record_section
 from mla_ref.train import RECORD_FILE, TrainConfig, TrainResult, evaluate, train
 
@@ -48,7 +49,7 @@ def train_teacher_parser() -> Parser:
     p.add_argument("--corpus", default=None, help="folder of text files (default: the Python standard library)")
     p.add_argument("--storage-dtype", choices=tuple(checkpoint.STORAGE_DTYPES), default="bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -137,9 +138,7 @@ def train_teacher_command(argv: list[str] | None = None) -> int:
     """``python -m mla_ref train-teacher --attention mha|gqa --out DIR --steps N --seed S …``"""
 
     def action(args, argv):
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-            raise ValueError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        out = check_output(args.out, inputs=[args.corpus], overwrite=args.overwrite, name="--out")
         if args.threads is not None:
             torch.set_num_threads(require_positive_int("--threads", args.threads))
         n_kv = {"mha": None, "mqa": None}.get(args.attention, args.n_kv_heads or max(1, args.n_heads // 4))

@@ -27,7 +27,7 @@ from mla_ref._checks import require_choice, require_non_negative_int, require_po
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.bkv_pca import transmla_convert
 from mla_ref.convert.exact import gqa_to_mla_exact
-from mla_ref.convert.refit import recipe_convert
+from mla_ref.convert.refit import REFIT_TOKENS_PER_WEIGHT, recipe_convert
 from mla_ref.convert.rorope import default_rope_dim
 from mla_ref.convert.svd_low_rank import mha2mla_convert, mha2mla_ranks
 from mla_ref.mla import MultiHeadLatentAttention
@@ -61,6 +61,12 @@ class Method:
     split: Callable[[GroupedQueryAttention, int], tuple[int, int]] | None
     convert: Callable[[GroupedQueryAttention, torch.Tensor, dict], MultiHeadLatentAttention]
     other_rope_dims: Callable[[GroupedQueryAttention, int], tuple[int, ...]] | None = None
+    refits_output: bool = False  # o_proj re-solved by least squares: it needs enough calibration tokens
+
+    def calibration_tokens_needed(self, source: GroupedQueryAttention) -> int:
+        """The fewest calibration tokens the method converts ``source`` from: the output refit solves h·d_v unknowns
+        per output row and asks for ``REFIT_TOKENS_PER_WEIGHT`` tokens each; the other methods need one window."""
+        return REFIT_TOKENS_PER_WEIGHT * source.n_heads * source.head_dim if self.refits_output else 1
 
     def candidate_sizes(
         self,
@@ -228,6 +234,7 @@ METHODS: dict[str, Method] = {
             _recipe_split,
             lambda source, inputs, sizes: recipe_convert(source, inputs, **sizes),
             _recipe_other_rope_dims,
+            refits_output=True,
         ),
     )
 }

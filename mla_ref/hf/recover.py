@@ -31,13 +31,14 @@ from mla_ref.hf.files import (
     first_windows,
     read_config,
     spread_windows,
-    staged_directory,
     write_json,
 )
 from mla_ref.hf.models import load_model, save_mla_weights, storage_dtype
 from mla_ref.hf.recovery_record import RECOVERY_RECORD, recovery_markdown
 from mla_ref.model import TinyLM
-from mla_ref.records import CONVERSION_RECORD, read_record
+from mla_ref.outputs import check_output, staged_output
+from mla_ref.provenance import check_source, recorded_source, source_facts
+from mla_ref.records import CONVERSION_RECORD
 from mla_ref.recovery_distill import Comparison, DistillResult, compare_with_teacher, recover_distill
 from mla_ref.recovery_layerwise import CHECK_FRACTION, LayerwiseResult, recover_layerwise
 
@@ -50,22 +51,27 @@ DISTILL_ALPHA, DISTILL_TEMPERATURE = 0.5, 2.0  # recovery_config's: half next-to
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------------
-def recorded_source(converted: Path) -> Path:
-    """The source named by CONVERTED's CONVERSION.md; ValueError saying what to pass when there is none."""
-    record = converted / CONVERSION_RECORD
-    if not record.is_file():
+def find_source(converted: Path, given: str | None) -> Path:
+    """The source to recover towards: ``given`` (--source), else the one CONVERTED's CONVERSION.md records by its
+    absolute path; either is checked against the fingerprint the record holds (``mla_ref.provenance``)."""
+    recorded_path, expected = recorded_source(converted)
+    if given is not None:
+        source = Path(given)
+    elif recorded_path is None:
         raise ValueError(
-            f"{str(converted)!r} has no {CONVERSION_RECORD} naming its source; pass --source SRC (the model it was "
-            "converted from)"
+            f"{str(converted)!r} has no {CONVERSION_RECORD} naming its source by an absolute path; pass --source SRC "
+            "(the model it was converted from)"
         )
-    source = read_record(record).get("source")
-    if not isinstance(source, str):
-        raise ValueError(f"{str(record)!r} names no source; pass --source SRC")
-    if not (Path(source) / "config.json").is_file():
+    elif not (recorded_path / "config.json").is_file():
         raise ValueError(
-            f"the source {source!r} named in {str(record)!r} is not there (no config.json); pass --source SRC"
+            f"the source {str(recorded_path)!r} recorded in {str(converted / CONVERSION_RECORD)!r} is not there "
+            "(no config.json); pass --source SRC"
         )
-    return Path(source)
+    else:
+        source = recorded_path
+    read_config(source)  # a clear error for a missing directory or config.json
+    check_source(converted, source, expected)
+    return source
 
 
 def written_format(converted: Path, model: TinyLM) -> str:
@@ -106,7 +112,7 @@ def write_output(
     output: Path, student: TinyLM, converted: Path, source: Path, model_format: str, dtype, markdown: str, overwrite
 ) -> None:
     """OUT in CONVERTED's format, with RECOVERY.md, CONVERTED's CONVERSION.md and the source's tokenizer files."""
-    with staged_directory(output, overwrite=overwrite) as staging:
+    with staged_output(output, overwrite=overwrite) as staging:
         if model_format == "deepseek-v3":
             # the architecture is CONVERTED's, so its config.json (token ids and positions included) still holds
             write_json(staging / "config.json", read_config(converted))
@@ -212,15 +218,10 @@ class RecoveryReport:
 def _check_paths(converted: Path, output: Path, options: RecoverOptions, overwrite: bool) -> Path:
     """Refuse, before any work, a bad CONVERTED, SRC or OUT; returns SRC."""
     read_config(converted)  # a clear error for a missing directory or config.json
-    source = Path(options.source) if options.source is not None else recorded_source(converted)
-    read_config(source)
+    source = find_source(converted, options.source)
     if source.resolve() == converted.resolve():
         raise ValueError(f"--source {str(source)!r} is CONVERTED itself; pass the model it was converted from")
-    for other in (converted, source):
-        if output.resolve() == other.resolve():
-            raise ValueError(f"OUT {str(output)!r} is an input of this command; write somewhere else")
-    if output.exists() and not overwrite:
-        raise ValueError(f"output directory {str(output)!r} already exists; pass --overwrite to replace it")
+    check_output(output, inputs=[converted, source, options.calib_dir], overwrite=overwrite)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
     same_tokenizer(source, converted)
@@ -269,6 +270,8 @@ def recover_checkpoint(
     facts = {
         "converted": str(converted),
         "source": str(source),
+        **source_facts(source),
+        "source_checked": recorded_source(converted)[1] is not None,
         "command": command or f"recover_checkpoint({str(converted)!r}, {str(output)!r})",
         "options": dataclasses.asdict(options),
         "mode": options.mode,

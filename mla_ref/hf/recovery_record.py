@@ -28,6 +28,13 @@ def recovery_markdown(facts: dict, layerwise: LayerwiseResult | None, quality: d
         f"- mode `{facts['mode']}`; only the attention layers were trained (embeddings, norms, MLPs and head are "
         "the converted model's, which are the source's)"
         + (f"; held fixed: {', '.join(facts['kept'])}" if facts["kept"] else ""),
+        f"- source: `{facts['source_path']}`, fingerprint {facts['source_fingerprint'][:16]}… "
+        + (
+            f"(SHA-256 of config.json, embedding and first MLP), the one the converted model's {CONVERSION_RECORD} "
+            "records"
+            if facts["source_checked"]
+            else f"(the converted model's {CONVERSION_RECORD} records no fingerprint to check it against)"
+        ),
         f"- calibration: {facts['calibration']}",
     ]
     if "layerwise" in facts:

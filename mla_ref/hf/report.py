@@ -49,6 +49,7 @@ class ConversionReport:
     method_title: str = ""  # the method's one-line description (mla_ref.convert.METHODS)
     method_steps: tuple[str, ...] = ()
     serving: tuple[bool, list[str]] | None = None  # DeepSeek-V3 output: servable by the engines' kernels, and why not
+    provenance: dict = field(default_factory=dict)  # the source's absolute path and fingerprint (mla_ref.provenance)
 
     def summary_lines(self) -> list[str]:
         lines = [f"WARNING: {self.warning}"] if self.warning else []
@@ -137,6 +138,7 @@ class ConversionReport:
             ]
         record = {
             "source": self.source,
+            **self.provenance,
             "command": self.command,
             "options": self.options,
             "mla_sizes": self.mla_sizes,
