@@ -44,8 +44,8 @@ def main() -> int:
     from mla_ref.convert.model import convert_model
     from mla_ref.data import load_corpus, validation_windows
     from mla_ref.hf import load_model, text_tokens
-    from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.files import calibration_windows, first_windows
+    from mla_ref.pipelines.calibration import calibration_windows, first_windows
+    from mla_ref.pipelines.fetch import fetched_model_dir
 
     torch.set_num_threads(2)
     try:

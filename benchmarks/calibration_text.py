@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     from held_out import calibration_folder, prose_text, train_without_prose
 
     from mla_ref.data import load_corpus, stdlib_folder
-    from mla_ref.hf import CalibrationText, ConvertOptions, convert_checkpoint
-    from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.files import calibration_windows, interleave_windows, read_config
+    from mla_ref.hf.files import read_config
+    from mla_ref.pipelines import CalibrationText, ConvertOptions, convert_checkpoint
+    from mla_ref.pipelines.calibration import calibration_windows, interleave_windows
+    from mla_ref.pipelines.fetch import fetched_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")

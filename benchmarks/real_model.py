@@ -263,8 +263,8 @@ def plot(rows: list[Row], source: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus, stdlib_folder
-    from mla_ref.hf import ConvertOptions
-    from mla_ref.hf.fetch import fetched_model_dir
+    from mla_ref.pipelines import ConvertOptions
+    from mla_ref.pipelines.fetch import fetched_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SmolLM2 directory (default: where `fetch` puts it)")

@@ -75,7 +75,7 @@ def converted_at(
     write, and the split record of the current converter."""
     from mla_ref.convert import get_method
     from mla_ref.hf import load_model
-    from mla_ref.hf.convert import ConvertOptions
+    from mla_ref.pipelines.convert import ConvertOptions
     from mla_ref.records import read_record
 
     options = ConvertOptions(budget=budget, rope_dim=rope_dim)
@@ -220,7 +220,7 @@ def shlex_join(plans: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus, validation_windows
     from mla_ref.hf import text_tokens
-    from mla_ref.hf.fetch import fetched_model_dir
+    from mla_ref.pipelines.fetch import fetched_model_dir
     from mla_ref.records import read_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -36,7 +36,7 @@ def converted(source: Path, work: Path, budget: float, rope_dim: int, threads: i
     """The recipe conversion of ``source`` at ``budget`` with d_R = ``rope_dim``, reused when already in ``work``."""
     out = work / f"budget{budget:g}-rope{rope_dim}"
     if (out / "CONVERSION.md").is_file() and (out / "config.json").is_file():
-        from mla_ref.hf import ConvertOptions
+        from mla_ref.pipelines import ConvertOptions
         from mla_ref.records import read_record
 
         record, written = read_record(out / "CONVERSION.md"), json.loads((out / "config.json").read_text())
@@ -67,9 +67,10 @@ def mean_layer_error(model, inputs: list[torch.Tensor], targets: list[torch.Tens
 
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
-    from mla_ref.hf import ConvertOptions, load_model
-    from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.files import spread_windows
+    from mla_ref.hf import load_model
+    from mla_ref.pipelines import ConvertOptions
+    from mla_ref.pipelines.calibration import spread_windows
+    from mla_ref.pipelines.fetch import fetched_model_dir
     from mla_ref.records import read_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

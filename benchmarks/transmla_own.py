@@ -216,9 +216,9 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from mla_ref.data import load_corpus
-    from mla_ref.hf import ConvertOptions
-    from mla_ref.hf.fetch import fetched_model_dir
-    from mla_ref.hf.files import calibration_windows
+    from mla_ref.pipelines import ConvertOptions
+    from mla_ref.pipelines.calibration import calibration_windows
+    from mla_ref.pipelines.fetch import fetched_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transmla", required=True, help="the folder of TransMLA's converter (partial_rope.py, ...)")

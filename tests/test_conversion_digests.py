@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from mla_ref.__main__ import main
-from mla_ref.hf.convert import ConvertOptions, convert_checkpoint
-from mla_ref.hf.recover import RecoverOptions, recover_checkpoint
+from mla_ref.pipelines.convert import ConvertOptions, convert_checkpoint
+from mla_ref.pipelines.recover import RecoverOptions, recover_checkpoint
 from mla_ref.train import TEACHERS_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread (conftest)

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from mla_ref import checkpoint
 from mla_ref.__main__ import main
-from mla_ref.hf import convert as hf_convert
 from mla_ref.hf import models as hf_models
-from mla_ref.hf.convert import ConvertOptions, convert_checkpoint
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.outputs import check_output, clear_leftovers, staged_output
+from mla_ref.pipelines import convert as hf_convert
+from mla_ref.pipelines.convert import ConvertOptions, convert_checkpoint
 from mla_ref.records import CONVERSION_RECORD, read_record
 from mla_ref.train import TEACHERS_DIR
 

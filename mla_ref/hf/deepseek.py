@@ -12,7 +12,7 @@ stock ``DeepseekV3ForCausalLM`` build exactly this model:
 - ``attention_bias`` when the layers carry biases (``kv_a_proj_with_mqa``, ``o_proj``, ``q_a_proj``).
 
 Only a model already in stock form qualifies (``stock_form_problem``): latent norm on, the standard RoPE table,
-no ``q_proj`` bias.  ``mla_ref.hf.stock`` brings a converted model there.
+no ``q_proj`` bias.  ``mla_ref.convert.stock_form`` brings a converted model there.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 from mla_ref.hf.build import tinylm_from_state, unallocated
 from mla_ref.hf.files import DTYPE_NAMES, WeightFiles, check_tensors, read_config
 from mla_ref.hf.llama import hf_name
-from mla_ref.hf.stock import DEEPSEEK_NORM_EPS
 from mla_ref.model import ModelConfig, TinyLM
 
 MLA_MODEL_TYPE = "deepseek_v3"
+DEEPSEEK_NORM_EPS = 1e-6  # DeepseekV3Attention builds kv_a_layernorm / q_a_layernorm with this default
 
 
 def stock_form_problem(model: TinyLM) -> str | None:

@@ -12,20 +12,17 @@ from pathlib import Path
 import torch
 
 from mla_ref import checkpoint
-from mla_ref.data import Corpus, load_corpus, validation_windows
 from mla_ref.hf.deepseek import MLA_MODEL_TYPE, deepseek_config, deepseek_tensors, load_deepseek
 from mla_ref.hf.files import (
     WeightFiles,
     copy_carried_files,
     read_config,
     save_weights,
-    text_tokens,
     write_json,
 )
 from mla_ref.hf.llama import DEFAULT_MAX_POSITIONS, GQA_MODEL_TYPES, llama_config, llama_tensors, load_llama
 from mla_ref.model import TinyLM
 from mla_ref.outputs import check_output, staged_output
-from mla_ref.train import Evaluation, TrainConfig, evaluate
 
 EXPORT_FORMATS: tuple[str, ...] = ("llama", "qwen2", "deepseek-v3")
 
@@ -45,31 +42,6 @@ def load_model(directory: str | os.PathLike) -> TinyLM:
         f"{str(directory)!r}: unknown model_type {model_type!r}; allowed: {', '.join((*GQA_MODEL_TYPES, MLA_MODEL_TYPE))} "
         "or an mla_ref checkpoint"
     )
-
-
-def evaluate_directory(
-    directory: str | os.PathLike,
-    *,
-    corpus: str | os.PathLike | None = None,
-    seq_len: int = TrainConfig.seq_len,
-    eval_tokens: int = TrainConfig.eval_tokens,
-    path: str = "naive",
-) -> tuple[Evaluation, TinyLM, Corpus]:
-    """The validation loss and perplexity of the model in ``directory`` (what ``python -m mla_ref eval`` prints).
-
-    The validation split of ``corpus`` (default: the Python standard library), tokenized by the directory's
-    tokenizer (bytes without one), the first ``eval_tokens`` tokens in windows of ``seq_len``.  Returns the
-    evaluation, the model and the corpus.
-    """
-    model = load_model(directory)
-    if path != "naive" and model.config.attention != "mla":
-        raise ValueError(
-            f"path {path!r} is an MLA execution path, and {str(directory)!r} holds {model.config.attention!r} "
-            "attention; leave the path out (naive) for this model"
-        )
-    data = load_corpus(corpus)
-    tokens = text_tokens(directory, data.val, model.config.vocab_size)
-    return evaluate(model, validation_windows(tokens, seq_len, eval_tokens), path=path), model, data
 
 
 def storage_dtype(directory: str | os.PathLike) -> torch.dtype:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mla_ref._checks import require_choice, require_positive_int, require_tokens
 from mla_ref.model import TinyLM
 from mla_ref.profile import resolve_device
-from mla_ref.recovery_steps import (
+from mla_ref.recovery.steps import (
     BETAS,
     GRAD_CLIP,
     MovedTo,
@@ -193,7 +193,7 @@ def recover_layerwise(
             never grew its massive state and perplexity went from 75 to 10 million; with w = 1 that window was
             sound (53) but two others broke the same way, and prose came out far better (7.3× the source's
             perplexity against 22.7×).  The sink's trigger stays fragile under both: the check before writing
-            (``mla_ref.hf.recover``) refused the w = 1 model, and passed the w = 0 one, whose check windows held
+            (``mla_ref.pipelines.recover``) refused the w = 1 model, and passed the w = 0 one, whose check windows held
             no such window.
         inputs: "teacher" (above) or "student": layer l reads the *student's* hidden states, carried through the
             student's layers as already trained, and still learns the teacher's output y_l.  The student then meets

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from mla_ref.records import CONVERSION_RECORD, record_section
-from mla_ref.recovery_distill import Comparison
-from mla_ref.recovery_layerwise import LayerwiseResult
+from mla_ref.recovery.distill import Comparison
+from mla_ref.recovery.layerwise import LayerwiseResult
 
 RECOVERY_RECORD = "RECOVERY.md"
 

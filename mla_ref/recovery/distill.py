@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mla_ref._checks import require_positive_int, require_tokens
 from mla_ref.model import TinyLM
 from mla_ref.profile import resolve_device
-from mla_ref.recovery_steps import (
+from mla_ref.recovery.steps import (
     BETAS,
     GRAD_CLIP,
     MovedTo,

@@ -40,9 +40,9 @@ import torch
 
 from mla_ref.hf.files import DTYPE_NAMES
 from mla_ref.hf.gguf import GGUF_TYPES, UNQUANTIZED_TYPES, convert_gguf
-from mla_ref.hf.models import evaluate_directory
 from mla_ref.model import ModelConfig
 from mla_ref.outputs import check_output, staged_output
+from mla_ref.pipelines.evaluate import evaluate_directory
 from mla_ref.records import read_record, record_section
 from mla_ref.train import TrainConfig
 

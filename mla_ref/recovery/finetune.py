@@ -25,9 +25,9 @@ attention layers alone at batch 16, about 1.06× with all parameters, batch 4 an
 KL(teacher ‖ student) per predicted byte — what distillation pulls down.
 
 On a real model a step of ``recover`` (the whole model forward and backward, a large vocabulary's head, the teacher)
-is expensive; ``recovery_layerwise`` trains each attention layer on its own against its source layer instead, and
-``recovery_distill`` runs this loss with a device, a time limit and parameters held fixed.
-``python -m mla_ref recover`` (``mla_ref.hf.recover``) runs them on a checkpoint directory.
+is expensive; ``mla_ref.recovery.layerwise`` trains each attention layer on its own against its source layer instead, and
+``mla_ref.recovery.distill`` runs this loss with a device, a time limit and parameters held fixed.
+``python -m mla_ref recover`` (``mla_ref.pipelines.recover``) runs them on a checkpoint directory.
 """
 
 from __future__ import annotations

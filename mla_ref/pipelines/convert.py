@@ -8,7 +8,7 @@
       │          the split with the lower KL to the source (``mla_ref.convert.split_choice``)
       ▼
     exact-form MLA layers (no latent norm, each key pair turning with its source frequency)
-      │  pass 2, per layer: bring the layer into stock DeepSeek-V3 form (``mla_ref.hf.stock``) and run the
+      │  pass 2, per layer: bring the layer into stock DeepSeek-V3 form (``mla_ref.convert.stock_form``) and run the
       │          converted and the stock stream on the evaluation tokens
       ▼
     OUT: DeepSeek-V3 layout (default) or mla_ref's own format, CONVERSION.md, the source's tokenizer files
@@ -47,27 +47,11 @@ with warnings.catch_warnings():
 from mla_ref import checkpoint
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.calculator import DTYPES
+from mla_ref.convert.biased import convert_layer
 from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.model import mla_config
 from mla_ref.convert.split_choice import SplitSearch
-from mla_ref.data import load_corpus, read_text_folder
-from mla_ref.hf.build import block_from_state, tinylm_from_state
-from mla_ref.hf.deepseek import deepseek_config
-from mla_ref.hf.files import (
-    CalibrationText,
-    calibration_windows,
-    copy_carried_files,
-    first_windows,
-    interleave_windows,
-    write_json,
-)
-from mla_ref.hf.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
-from mla_ref.hf.layers import convert_layer
-from mla_ref.hf.models import save_mla_weights
-from mla_ref.hf.report import ConversionReport, Streams, describe_source
-from mla_ref.hf.serving import PROFILES, engine_sizes, serving_verdict
-from mla_ref.hf.sources import open_source
-from mla_ref.hf.stock import (
+from mla_ref.convert.stock_form import (
     DEEPSEEK_NORM_EPS,
     NORM_MODES,
     anchor_constant,
@@ -78,9 +62,19 @@ from mla_ref.hf.stock import (
     low_rank_query,
     stock_mla,
 )
+from mla_ref.data import load_corpus, read_text_folder
+from mla_ref.hf.build import block_from_state, tinylm_from_state
+from mla_ref.hf.deepseek import deepseek_config
+from mla_ref.hf.files import copy_carried_files, write_json
+from mla_ref.hf.models import save_mla_weights
+from mla_ref.hf.sources import open_source
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig
 from mla_ref.outputs import check_output, staged_output
+from mla_ref.pipelines.calibration import CalibrationText, calibration_windows, first_windows, interleave_windows
+from mla_ref.pipelines.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
+from mla_ref.pipelines.report import ConversionReport, Streams, describe_source
+from mla_ref.pipelines.serving import PROFILES, engine_sizes, serving_verdict
 from mla_ref.provenance import source_facts
 from mla_ref.records import CONVERSION_RECORD
 

@@ -1,7 +1,7 @@
 """The converter's last check: the checkpoint it writes is no worse than the conversion it stores.
 
 The stock DeepSeek-V3 form differs from the conversion (the exact, mla-ref form) in its one RoPE table and its
-latent RMSNorm (``mla_ref.hf.stock``).  Both forms run on calibration tokens beside the source; when the written
+latent RMSNorm (``mla_ref.convert.stock_form``).  Both forms run on calibration tokens beside the source; when the written
 form's KL to the source exceeds the conversion's by more than ``GUARD_KL_EXCESS`` nats/token and by more than
 ``GUARD_KL_RATIO`` of it, nothing is written (unless forced), and the error says which difference is to blame.
 """

@@ -26,21 +26,16 @@ import torch
 from mla_ref._checks import require_choice
 from mla_ref.data import load_corpus
 from mla_ref.hf.deepseek import MLA_MODEL_TYPE
-from mla_ref.hf.files import (
-    copy_carried_files,
-    first_windows,
-    read_config,
-    spread_windows,
-    write_json,
-)
+from mla_ref.hf.files import copy_carried_files, read_config, write_json
 from mla_ref.hf.models import load_model, save_mla_weights, storage_dtype
-from mla_ref.hf.recovery_record import RECOVERY_RECORD, recovery_markdown
 from mla_ref.model import TinyLM
 from mla_ref.outputs import check_output, staged_output
+from mla_ref.pipelines.calibration import first_windows, spread_windows
+from mla_ref.pipelines.recovery_record import RECOVERY_RECORD, recovery_markdown
 from mla_ref.provenance import check_source, recorded_source, source_facts
 from mla_ref.records import CONVERSION_RECORD
-from mla_ref.recovery_distill import Comparison, DistillResult, compare_with_teacher, recover_distill
-from mla_ref.recovery_layerwise import CHECK_FRACTION, LayerwiseResult, recover_layerwise
+from mla_ref.recovery.distill import Comparison, DistillResult, compare_with_teacher, recover_distill
+from mla_ref.recovery.layerwise import CHECK_FRACTION, LayerwiseResult, recover_layerwise
 
 MODES: tuple[str, ...] = ("layerwise", "distill", "both")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from mla_ref.hf.deepseek import DEEPSEEK_NORM_EPS
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.rope import inverse_frequencies, pair_indices
 
 NORM_MODES: tuple[str, ...] = ("gain", "anchor")
-DEEPSEEK_NORM_EPS = 1e-6  # DeepseekV3Attention builds kv_a_layernorm / q_a_layernorm with this default
 ANCHOR_MARGIN = 2.0**13  # B ≥ 8192 · (largest possible ‖c‖): the per-token rms varies by < 2⁻²⁶
 
 
