@@ -9,11 +9,12 @@ import torch
 from mla_ref import checkpoint
 from mla_ref.cli.convert import convert_command
 from mla_ref.convert import METHODS, get_method
+from mla_ref.convert.sizes import engine_sizes
 from mla_ref.hf import export_model
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.pipelines import ConvertOptions, convert_checkpoint
 from mla_ref.pipelines.guard import GUARD_KL_EXCESS, WrittenFormError
-from mla_ref.pipelines.serving import engine_sizes, serving_verdict
+from mla_ref.pipelines.serving import serving_verdict
 from mla_ref.train import TEACHERS_DIR
 
 SINK = ord("\n")  # a frequent byte, made the attention-sink-like outlier

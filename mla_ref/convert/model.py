@@ -22,6 +22,7 @@ from torch import nn
 
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.methods import get_method
+from mla_ref.convert.sizes import plan_sizes
 from mla_ref.convert.split_choice import SplitSearch, kl_to_source
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
@@ -119,12 +120,11 @@ def convert_model_by_method(
         raise ValueError("the model's attention is already 'mla'; convert a model of the GQA family (mha/gqa/mqa)")
     chosen = get_method(method)
     first = model.layers[0].self_attn
-    search = SplitSearch(
-        chosen.candidate_sizes(
-            first, budget=budget, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, reserve=reserve, **options
-        )
+    sizes = plan_sizes(
+        chosen, first, budget=budget, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, reserve=reserve, **options
     )
-    if calibration_tokens is None and chosen.split is not None:
+    search = SplitSearch(sizes)
+    if calibration_tokens is None and chosen.lossy:
         raise ValueError(f"method {method!r} needs calibration_tokens (b, s)")
     inputs = (
         model.attention_inputs(calibration_tokens) if calibration_tokens is not None else [None] * len(model.layers)
@@ -139,8 +139,8 @@ def convert_model_by_method(
     # the whole model at each split, against the source on the calibration tokens; the closest one is returned
     source_logits = model(calibration_tokens)
     candidates = [_with_layers(model, layers) for layers in search.kept]
-    search.model_kl = [kl_to_source(source_logits, candidate(calibration_tokens)) for candidate in candidates]
-    return candidates[search.best()]
+    best = search.choose(lambda k, _layers: kl_to_source(source_logits, candidates[k](calibration_tokens)))
+    return candidates[best]
 
 
 def _with_layers(model: TinyLM, layers: list[MultiHeadLatentAttention]) -> TinyLM:

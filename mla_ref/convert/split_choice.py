@@ -77,6 +77,13 @@ class SplitSearch:
         """Whether there is a choice to make (more than one candidate)."""
         return len(self.candidates) > 1
 
+    def choose(self, model_kl: Callable[[int, list], float]) -> int:
+        """Measure ``model_kl(k, kept[k])`` — the whole converted model's KL to the source with candidate k's layers —
+        for every candidate when there is a choice, and return the best candidate's index."""
+        if self.choosing():
+            self.model_kl = [model_kl(k, kept) for k, kept in enumerate(self.kept)]
+        return self.best()
+
     def best(self) -> int:
         """The index of the candidate with the lowest model KL, or without it the lowest mean E_l (0 with one)."""
         scores = self.model_kl or self.mean_errors()

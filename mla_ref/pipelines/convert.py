@@ -50,6 +50,7 @@ from mla_ref.calculator import DTYPES
 from mla_ref.convert.biased import convert_layer
 from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.model import mla_config
+from mla_ref.convert.sizes import PROFILES, plan_sizes
 from mla_ref.convert.split_choice import SplitSearch
 from mla_ref.convert.stock_form import (
     DEEPSEEK_NORM_EPS,
@@ -74,7 +75,7 @@ from mla_ref.outputs import check_output, staged_output
 from mla_ref.pipelines.calibration import CalibrationText, calibration_windows, first_windows, interleave_windows
 from mla_ref.pipelines.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
 from mla_ref.pipelines.report import ConversionReport, Streams, describe_source
-from mla_ref.pipelines.serving import PROFILES, engine_sizes, serving_verdict
+from mla_ref.pipelines.serving import serving_verdict
 from mla_ref.provenance import source_facts
 from mla_ref.records import CONVERSION_RECORD
 
@@ -255,23 +256,6 @@ class _Layers:
     bounds: list[float]  # input_bound of each layer's input norm
 
 
-def _candidate_sizes(options: ConvertOptions, attention) -> list[dict]:
-    """The method's candidate sizes for one source layer (``Method.candidate_sizes``), the written form's anchor kept
-    in budget; one entry unless the method chooses its split by measurement."""
-    method = METHODS[options.method]
-    if options.profile is not None:
-        kv_lora_rank, rope_dim = engine_sizes(attention, reserve=options.reserved_elements())
-        return [method.sizes(attention, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, **options.method_options())]
-    return method.candidate_sizes(
-        attention,
-        budget=options.budget,
-        kv_lora_rank=options.kv_lora_rank,
-        rope_dim=options.rope_dim,
-        reserve=options.reserved_elements(),
-        **options.method_options(),
-    )
-
-
 @torch.no_grad()
 def _convert_layers(
     source, options: ConvertOptions, candidate_sizes: list[dict], dtype, hidden, n_calibration: int, quiet: bool
@@ -318,23 +302,20 @@ def _convert_layers(
 
 
 @torch.no_grad()
-def _measure_candidates(
-    config: ModelConfig, search: SplitSearch, rest: list, guard: Streams, source_hidden, embed, final_norm, head
-) -> None:
-    """The whole model's KL to the source on the guard windows (calibration text) at each candidate split, into
-    ``search.model_kl``.  Shapes: source_hidden (n_guard, s, D), the source's final hidden states there."""
+def _model_kl(config: ModelConfig, layers: list, rest: list, guard: Streams, source_hidden, embed, final_norm, head):
+    """The whole converted model's KL to the source on the guard windows (calibration text), with ``layers`` (one
+    candidate's kept (module, fit) per layer).  Shapes: source_hidden (n_guard, s, D), the source's final hidden
+    states there."""
     streams = Streams(guard.inputs, guard.targets)
     streams.hidden["source"] = source_hidden
-    for k, layers in enumerate(search.kept):
-        modules = [module.float() for module, _ in layers]
-        exact_config = _mla_config(config, modules, stock=False)
-        hidden = F.embedding(guard.inputs, embed).float()
-        for i, module in enumerate(modules):
-            layer_rest = {name: tensor.float() for name, tensor in rest[i].items()}
-            hidden = block_from_state(exact_config, i, _block_state(module, layer_rest))(hidden)
-        streams.hidden[k] = hidden
-    quality = streams.quality(final_norm, head, config.norm_eps)
-    search.model_kl = [quality[k].kl_to_source for k in range(len(search.kept))]
+    modules = [module.float() for module, _ in layers]
+    exact_config = _mla_config(config, modules, stock=False)
+    hidden = F.embedding(guard.inputs, embed).float()
+    for i, module in enumerate(modules):
+        layer_rest = {name: tensor.float() for name, tensor in rest[i].items()}
+        hidden = block_from_state(exact_config, i, _block_state(module, layer_rest))(hidden)
+    streams.hidden["candidate"] = hidden
+    return streams.quality(final_norm, head, config.norm_eps)["candidate"].kl_to_source
 
 
 @torch.no_grad()
@@ -434,7 +415,16 @@ def convert_checkpoint(
     # the sizes every layer will be converted at, from layer 0 (all layers share their shape): a size the source
     # cannot take is refused here, before the calibration text is read
     first_attention = source.block(0).self_attn
-    candidate_sizes = _candidate_sizes(options, first_attention)
+    candidate_sizes = plan_sizes(
+        METHODS[options.method],
+        first_attention,
+        budget=options.budget,
+        kv_lora_rank=options.kv_lora_rank,
+        rope_dim=options.rope_dim,
+        reserve=options.reserved_elements(),
+        profile=options.profile,
+        **options.method_options(),
+    )
     _check_one_rope_table(options, candidate_sizes, config)
     _check_calibration_amount(
         options, calibration_text, METHODS[options.method].calibration_tokens_needed(first_attention)
@@ -466,8 +456,8 @@ def convert_checkpoint(
     )
     final_norm = source.tensor("norm.weight")
     head = embed if config.tie_embeddings else source.stored("lm_head.weight")
-    if search.choosing():
-        _measure_candidates(config, search, kept.rest, guard, hidden[: len(guard.inputs)], embed, final_norm, head)
+    guard_hidden = hidden[: len(guard.inputs)]
+    search.choose(lambda _k, layers: _model_kl(config, layers, kept.rest, guard, guard_hidden, embed, final_norm, head))
     for module, fit in search.chosen():
         kept.attention.append(module)
         if fit is not None:

@@ -4,30 +4,16 @@ Those kernels accept only some shapes: a latent of kv_lora_rank + qk_rope_head_d
 (some builds also 320), no attention biases, the latent RMSNorm (stock DeepSeek-V3 always has it) and
 interleaved RoPE.  A checkpoint outside them is still a correct DeepSeek-V3 checkpoint for ``transformers``;
 ``serving_verdict`` says which constraint it misses.  ``--profile engine`` asks ``convert`` for the 512 + 64
-latent, which only makes sense for a source whose cache is larger than 576 elements per token and layer.
+latent (``mla_ref.convert.sizes.engine_sizes``), which only makes sense for a source whose cache is larger than 576
+elements per token and layer.
 """
 
 from __future__ import annotations
 
-from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.sizes import ENGINE_LATENT, ENGINE_ROPE
 from mla_ref.model import ModelConfig
 
-PROFILES: tuple[str, ...] = ("engine",)
-ENGINE_LATENT, ENGINE_ROPE = 512, 64  # DeepSeek-V3's own kv_lora_rank and qk_rope_head_dim
 ENGINE_SMALL_LATENT = 320  # accepted by some engine builds only
-
-
-def engine_sizes(source: GroupedQueryAttention, *, reserve: int = 0) -> tuple[int, int]:
-    """(d_c, d_R) = (512 − reserve, 64) for ``--profile engine``; refused where it would not shrink the cache."""
-    elements = 2 * source.n_kv_heads * source.head_dim
-    if elements <= ENGINE_LATENT + ENGINE_ROPE:
-        raise ValueError(
-            f"--profile engine writes the engines' {ENGINE_LATENT} + {ENGINE_ROPE} latent, but the source caches only "
-            f"{elements} elements per token and layer (2 · {source.n_kv_heads} KV heads · {source.head_dim}): it "
-            "would not save anything. Convert without --profile (the output then loads in transformers, not in the "
-            "engines' MLA kernels)"
-        )
-    return ENGINE_LATENT - reserve, ENGINE_ROPE
 
 
 def serving_verdict(config: ModelConfig) -> tuple[bool, list[str]]:
