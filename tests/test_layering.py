@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
         "mla_ref.testing",
         "mla_ref.outputs",
         "mla_ref.provenance",
+        "mla_ref.measures",
     ),
     ("mla_ref.rope", "mla_ref.cache", "mla_ref.norm", "mla_ref.kernels."),  # the core
     ("mla_ref.attention",),

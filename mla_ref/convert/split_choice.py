@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mla_ref.convert.refit import output_error
+from mla_ref.measures import kl_per_position
 
 
 @dataclass
@@ -113,5 +114,4 @@ class SplitSearch:
 
 def kl_to_source(source_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over positions of KL(p_source ‖ p) in nats: logits (..., vocab), computed in fp32."""
-    reference = source_logits.float().log_softmax(-1)
-    return (reference.exp() * (reference - logits.float().log_softmax(-1))).sum(-1).mean().clamp_min(0).item()
+    return kl_per_position(source_logits, logits).mean().clamp_min(0).item()

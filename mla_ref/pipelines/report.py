@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mla_ref.measures import kl_from_log_probs
 from mla_ref.records import record_section
 
 
@@ -195,9 +196,7 @@ class Streams:
             for name, current in zip(names, logits, strict=True):
                 log_probs = current.log_softmax(-1)
                 totals[name][0] += F.nll_loss(log_probs, targets[rows], reduction="sum").item()
-                # KL(p_source ‖ p) = Σ_v p_source (log p_source − log p)
-                kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1)
-                totals[name][1] += kl.sum().item()
+                totals[name][1] += kl_from_log_probs(reference_log_probs, log_probs).sum().item()  # KL(p_source ‖ p)
                 totals[name][2] = max(totals[name][2], (current - reference).abs().max().item())
         n = targets.numel()
         return {
