@@ -122,6 +122,21 @@ class GroupedQueryAttention(nn.Module):
         """g = n_h / n_kv query heads per KV head."""
         return self.n_heads // self.n_kv_heads
 
+    def like(self, **changes) -> GroupedQueryAttention:
+        """A new module (fresh weights) with this one's sizes and settings, except ``changes`` (constructor keywords)."""
+        settings = dict(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            rope_layout=self.rope_layout,
+            rope_frequencies=self.rope_frequencies,
+            qkv_bias=self.k_proj.bias is not None,
+            o_bias=self.o_proj.bias is not None,
+        )
+        return GroupedQueryAttention(**(settings | changes))
+
     def cache_elements_per_token(self) -> int:
         """2 · n_kv · d_h: what one token costs in this layer's cache."""
         return 2 * self.n_kv_heads * self.head_dim

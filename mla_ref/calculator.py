@@ -28,15 +28,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from mla_ref import provenance
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.dtypes import DTYPES
 from mla_ref.mla import MultiHeadLatentAttention
-
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # (d_c, d_R) of the MLA caches listed next to every model: DeepSeek-V2/V3's size first, then smaller.
 MLA_LATENTS: tuple[tuple[int, int], ...] = ((512, 64), (256, 64), (128, 32))

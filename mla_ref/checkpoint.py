@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mla_ref.dtypes import dtype_name
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.outputs import check_output, staged_output
 from mla_ref.tensor_files import write_safetensors
@@ -52,7 +53,7 @@ def save(
         if name in (CONFIG_FILE, WEIGHTS_FILE) or Path(name).name != name:
             raise ValueError(f"extra file name {name!r} must be a plain file name other than the checkpoint's own")
     with staged_output(target, overwrite=overwrite) as staging:
-        config = {**model.config.to_dict(), "storage_dtype": str(dtype).removeprefix("torch.")}
+        config = {**model.config.to_dict(), "storage_dtype": dtype_name(dtype)}
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(staging / WEIGHTS_FILE, _tensors_to_save(model), dtype=dtype, metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():

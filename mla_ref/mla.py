@@ -114,6 +114,7 @@ class MultiHeadLatentAttention(nn.Module):
             require_positive_int("q_lora_rank", q_lora_rank)
         self.q_lora_rank = q_lora_rank
         self.latent_norm = latent_norm
+        self.norm_eps = norm_eps
         self.rope_theta = rope_theta
         self.rope_layout = require_choice("rope_layout", rope_layout, ROPE_LAYOUTS)
         self.rope_frequencies = frequency_table(rope_frequencies, qk_rope_head_dim)
@@ -130,6 +131,25 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps=norm_eps)
         self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=bias)
+
+    def like(self, **changes) -> MultiHeadLatentAttention:
+        """A new module (fresh weights) with this one's sizes and settings, except ``changes`` (constructor keywords)."""
+        settings = dict(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            q_lora_rank=self.q_lora_rank,
+            latent_norm=self.latent_norm,
+            bias=self.o_proj.bias is not None,
+            rope_theta=self.rope_theta,
+            rope_layout=self.rope_layout,
+            rope_frequencies=self.rope_frequencies,
+            norm_eps=self.norm_eps,
+        )
+        return MultiHeadLatentAttention(**(settings | changes))
 
     # ---- sizes -------------------------------------------------------------------------
     @property

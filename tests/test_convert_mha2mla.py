@@ -20,9 +20,9 @@ from mla_ref.convert import (
     select_rotary_pairs,
     svd_low_rank_parts,
 )
+from mla_ref.convert.activations import input_moment
 from mla_ref.convert.model import convert_model
 from mla_ref.convert.parts import assemble_mla
-from mla_ref.convert.svd_low_rank import input_covariance
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.rope import apply_rope, pair_indices, rope_inv_freq
 
@@ -267,7 +267,7 @@ def test_activation_basis_fits_the_calibration_activations_at_least_as_well():
     full = partial_rope_parts(source, select_rotary_pairs(source, 1, "high"))
     # correlated inputs, so that the activation basis differs from the weight SVD's
     x = torch.randn(1, 256, 32) @ torch.randn(32, 32)
-    covariance = input_covariance(x)
+    covariance = input_moment(x, x.shape[-1])
     w = full.latent_down.double()  # (n, D)
 
     def activation_error(parts):  # E‖(W − Ŵ) x‖²

@@ -65,7 +65,7 @@ def test_refit_leaves_its_inputs_alone_and_keeps_both_paths():
     [
         (lambda s, m, x: refit_output_proj(s, s, x), "converted must be a MultiHeadLatentAttention"),
         (lambda s, m, x: refit_output_proj(m, s, x, ridge=0.0), "ridge must be a positive number, got 0.0"),
-        (lambda s, m, x: refit_output_proj(m, s, x[0]), r"calibration_inputs must have shape \(b, s, 32\)"),
+        (lambda s, m, x: refit_output_proj(m, s, x[0]), r"calibration_inputs must have shape \(b, s, d_model=32\)"),
     ],
 )
 def test_bad_input_is_refused(call, message):

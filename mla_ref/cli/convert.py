@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import shlex
 
-from mla_ref.calculator import DTYPES
 from mla_ref.cli.common import Parser, run
 from mla_ref.convert.methods import METHODS
 from mla_ref.convert.sizes import PROFILES
 from mla_ref.convert.stock_form import NORM_MODES
+from mla_ref.dtypes import DTYPES
 from mla_ref.hf.models import EXPORT_FORMATS, export_model
-from mla_ref.pipelines.convert import FORMATS, ConvertOptions, convert_checkpoint
+from mla_ref.pipelines.convert import ConvertOptions, convert_checkpoint
+from mla_ref.pipelines.convert_options import FORMATS
 
 
 def convert_command(argv: list[str] | None = None) -> int:

@@ -21,15 +21,7 @@ def augmented(attention: GroupedQueryAttention) -> GroupedQueryAttention:
 
     W x + b = [W | b] [x; 1];  W_O gains a zero output row (dropped again by ``split_augmented``).
     """
-    result = GroupedQueryAttention(
-        attention.d_model + 1,
-        attention.n_heads,
-        attention.n_kv_heads,
-        attention.head_dim,
-        rope_theta=attention.rope_theta,
-        rope_layout=attention.rope_layout,
-        rope_frequencies=attention.rope_frequencies,
-    )
+    result = attention.like(d_model=attention.d_model + 1, qkv_bias=False, o_bias=False)
     with torch.no_grad():
         for name in ("q_proj", "k_proj", "v_proj"):
             source = getattr(attention, name)
@@ -40,19 +32,7 @@ def augmented(attention: GroupedQueryAttention) -> GroupedQueryAttention:
 
 def split_augmented(module: MultiHeadLatentAttention, d_model: int) -> MultiHeadLatentAttention:
     """An MLA on [x; 1] (from ``augmented``) as an MLA on x with biases: the last input column is the bias."""
-    result = MultiHeadLatentAttention(
-        d_model,
-        module.n_heads,
-        module.kv_lora_rank,
-        module.qk_nope_head_dim,
-        module.qk_rope_head_dim,
-        module.v_head_dim,
-        latent_norm=False,
-        bias=True,
-        rope_theta=module.rope_theta,
-        rope_layout=module.rope_layout,
-        rope_frequencies=module.rope_frequencies,
-    )
+    result = module.like(d_model=d_model, latent_norm=False, bias=True)
     state = {}
     for name in ("q_proj", "kv_a_proj_with_mqa"):
         weight = getattr(module, name).weight

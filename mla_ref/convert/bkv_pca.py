@@ -33,6 +33,7 @@ from einops import rearrange
 
 from mla_ref._checks import require_choice, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.activations import input_moment
 from mla_ref.convert.parts import MLAParts, assemble_mla, check_source
 from mla_ref.convert.rorope import (
     FOLD_FREQUENCIES,
@@ -40,7 +41,6 @@ from mla_ref.convert.rorope import (
     check_freqfold,
     check_rope_dim,
     default_rope_dim,
-    input_moment,
     rorope_parts,
 )
 from mla_ref.mla import MultiHeadLatentAttention

@@ -30,17 +30,9 @@ def mean_pool_kv_heads(attention: GroupedQueryAttention, n_kv_heads: int) -> Gro
     if source_kv % n_kv_heads != 0:
         allowed = [k for k in range(1, source_kv + 1) if source_kv % k == 0]
         raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide the source's {source_kv} KV heads; allowed: {allowed}")
-    pooled = GroupedQueryAttention(
-        attention.d_model,
-        attention.n_heads,
-        n_kv_heads,
-        attention.head_dim,
-        rope_theta=attention.rope_theta,
-        rope_layout=attention.rope_layout,
-        rope_frequencies=attention.rope_frequencies,
-        qkv_bias=attention.k_proj.bias is not None,
-        o_bias=attention.o_proj.bias is not None,
-    ).to(device=attention.q_proj.weight.device, dtype=attention.q_proj.weight.dtype)
+    pooled = attention.like(n_kv_heads=n_kv_heads).to(
+        device=attention.q_proj.weight.device, dtype=attention.q_proj.weight.dtype
+    )
     pooled.q_proj = copy.deepcopy(attention.q_proj)
     pooled.o_proj = copy.deepcopy(attention.o_proj)
     pattern_w = "(g r d) i -> (g d) i"

@@ -53,6 +53,7 @@ from einops import rearrange
 
 from mla_ref._checks import require_choice, require_non_negative_int
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.activations import check_calibration_inputs
 from mla_ref.convert.parts import MLAParts, check_source, rotary_pairs, rotate_half_rows, source_frequencies
 from mla_ref.rope import pair_indices
 
@@ -72,23 +73,6 @@ def check_rope_pairs(source: GroupedQueryAttention, rope_pairs: int) -> int:
     return rope_pairs
 
 
-def check_calibration_inputs(source: GroupedQueryAttention, calibration_inputs: object) -> torch.Tensor:
-    """Calibration hidden states must be a finite (b, s, d_model) tensor with at least one token."""
-    if not isinstance(calibration_inputs, torch.Tensor):
-        raise ValueError(
-            f"calibration_inputs must be a tensor (b, s, d_model={source.d_model}) of the hidden states entering the "
-            f"attention layer, got {type(calibration_inputs).__name__}"
-        )
-    shape = tuple(calibration_inputs.shape)
-    if calibration_inputs.ndim != 3 or shape[-1] != source.d_model or shape[0] * shape[1] == 0:
-        raise ValueError(
-            f"calibration_inputs must have shape (b, s, d_model={source.d_model}) with b·s ≥ 1, got {shape}"
-        )
-    if not torch.isfinite(calibration_inputs).all():
-        raise ValueError("calibration_inputs holds NaN or infinite values")
-    return calibration_inputs
-
-
 @torch.no_grad()
 def pair_norm_scores(source: GroupedQueryAttention, calibration_inputs: torch.Tensor) -> torch.Tensor:
     """S_2-norm's score of every (KV head g, rotary pair j): Σ_{i ∈ g} E‖q_{i,j}‖ · E‖k_{g,j}‖.
@@ -97,7 +81,7 @@ def pair_norm_scores(source: GroupedQueryAttention, calibration_inputs: torch.Te
     The pair norms are taken before RoPE (a rotation does not change them).
     """
     check_source(source)
-    x = check_calibration_inputs(source, calibration_inputs).to(source.q_proj.weight)
+    x = check_calibration_inputs(calibration_inputs, source.d_model).to(source.q_proj.weight)
     n_h, n_kv, d_h = source.n_heads, source.n_kv_heads, source.head_dim
     a_idx, b_idx = pair_indices(d_h, source.rope_layout)
     q = rearrange(source.q_proj(x).float(), "b s (h d) -> (b s) h d", h=n_h)  # (t, n_h, d_h), pre-RoPE

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.activations import input_moment
 from mla_ref.convert.bkv_pca import bkv_pca_parts
 from mla_ref.convert.parts import assemble_mla, check_source
-from mla_ref.convert.rorope import input_moment, rorope_parts
+from mla_ref.convert.rorope import rorope_parts
 from mla_ref.mla import MultiHeadLatentAttention
 
 REFIT_TOKENS_PER_WEIGHT = 2  # calibration tokens per unknown of one output row that the refit asks for

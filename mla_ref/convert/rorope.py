@@ -48,6 +48,7 @@ from einops import rearrange
 
 from mla_ref._checks import require_choice, require_even, require_non_negative_int
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.activations import input_moment
 from mla_ref.convert.parts import MLAParts, check_source, rotary_pairs, rotate_half_rows, source_frequencies
 
 ROPE_BUDGETS: tuple[str, ...] = ("uniform", "energy", "rotation")
@@ -81,32 +82,6 @@ class RotatedKeyBasis:
     @property
     def pool_size(self) -> int:
         return self.mixing.shape[1]
-
-
-def calibration_tokens(calibration_inputs: torch.Tensor, d_model: int) -> torch.Tensor:
-    """Check the calibration hidden states and flatten them: (b, s, d_model) -> (b · s, d_model), fp64."""
-    if not isinstance(calibration_inputs, torch.Tensor):
-        raise ValueError(
-            f"calibration_inputs must be a tensor (b, s, d_model), got {type(calibration_inputs).__name__}"
-        )
-    if calibration_inputs.ndim != 3 or calibration_inputs.shape[-1] != d_model:
-        raise ValueError(
-            f"calibration_inputs must have shape (b, s, {d_model}) (d_model = {d_model}), "
-            f"got {tuple(calibration_inputs.shape)}"
-        )
-    if calibration_inputs.shape[0] * calibration_inputs.shape[1] == 0:
-        raise ValueError(f"calibration_inputs holds no tokens: shape {tuple(calibration_inputs.shape)}")
-    tokens = rearrange(calibration_inputs.detach().double(), "b s i -> (b s) i")
-    if not torch.isfinite(tokens).all():
-        raise ValueError("calibration_inputs must be finite (found inf or nan)")
-    return tokens
-
-
-def input_moment(calibration_inputs: torch.Tensor, d_model: int) -> torch.Tensor:
-    """E[x xᵀ] over the calibration tokens: (b, s, d_model) -> (d_model, d_model), fp64 (checked as
-    ``calibration_tokens`` checks them)."""
-    x = calibration_tokens(calibration_inputs, d_model)  # (T, D)
-    return x.T @ x / x.shape[0]
 
 
 def check_freqfold(freqfold: int, head_dim: int) -> int:

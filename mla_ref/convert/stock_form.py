@@ -240,20 +240,15 @@ def _module_like(
     stock: bool,
     theta: float,
 ) -> MultiHeadLatentAttention:
-    return MultiHeadLatentAttention(
-        module.d_model,
-        module.n_heads,
-        kv_lora_rank,
-        module.qk_nope_head_dim,
-        module.qk_rope_head_dim,
-        module.v_head_dim,
+    """``module``'s shape with a new latent width, query bottleneck and biases; in stock form also the latent norm,
+    one RoPE θ and interleaved pairs (what ``DeepseekV3Attention`` builds)."""
+    stock_settings = dict(latent_norm=True, rope_theta=theta, rope_layout="interleaved", rope_frequencies=None)
+    return module.like(
+        kv_lora_rank=kv_lora_rank,
         q_lora_rank=q_lora_rank,
-        latent_norm=True if stock else module.latent_norm,
         bias=bias,
-        rope_theta=theta if stock else module.rope_theta,
-        rope_layout="interleaved" if stock else module.rope_layout,
-        rope_frequencies=None if stock else module.rope_frequencies,
         norm_eps=DEEPSEEK_NORM_EPS,  # the bottlenecks are scaled so that ε is negligible (see ``fit_norm``)
+        **(stock_settings if stock else {}),
     )
 
 

@@ -19,7 +19,7 @@ orthonormal columns (absorbing W_UK into the query keeps its norm), and ``latent
 basis without touching the rest.  (MHA2MLA's reference code puts Σ on the up-projection; the outputs are the
 same in exact arithmetic.)  At full rank U is orthogonal, U Uᵀ = I, and the weights come back exactly.
 
-A choice beyond the paper: given C = E[x xᵀ] of calibration inputs (``covariance=input_covariance(x)``, or
+A choice beyond the paper: given C = E[x xᵀ] of calibration inputs (``covariance=input_moment(x, d_model)``, or
 ``svd_basis="activations"`` in ``mha2mla_convert``), U is the principal components of the cached vectors W x
 themselves (top eigenvectors of W C Wᵀ), minimising E‖(W − U Uᵀ W) x‖² rather than ‖W − U Uᵀ W‖_F; the
 weight SVD is the case C = I.
@@ -35,9 +35,9 @@ import torch
 
 from mla_ref._checks import require_choice, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert.activations import check_calibration_inputs, input_moment
 from mla_ref.convert.partial_rope import (
     PARTIAL_ROPE_STRATEGIES,
-    check_calibration_inputs,
     check_rope_pairs,
     partial_rope_parts,
     select_rotary_pairs,
@@ -47,12 +47,6 @@ from mla_ref.mla import MultiHeadLatentAttention
 
 SVD_METHODS: tuple[str, ...] = ("joint", "split")
 SVD_BASES: tuple[str, ...] = ("weights", "activations")
-
-
-def input_covariance(calibration_inputs: torch.Tensor) -> torch.Tensor:
-    """E[x xᵀ] over the calibration tokens.  Shapes: (b, s, D) -> (D, D), fp64."""
-    x = calibration_inputs.reshape(-1, calibration_inputs.shape[-1]).double()  # (t, D)
-    return x.T @ x / x.shape[0]
 
 
 def latent_basis(weight: torch.Tensor, rank: int, covariance: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,7 +192,7 @@ def mha2mla_convert(
     require_choice("svd", svd, SVD_METHODS)
     require_choice("svd_basis", svd_basis, SVD_BASES)
     if calibration_inputs is not None:
-        check_calibration_inputs(source, calibration_inputs)
+        check_calibration_inputs(calibration_inputs, source.d_model)
     elif svd_basis == "activations" and kv_lora_rank is not None:
         raise ValueError(f"svd_basis 'activations' needs calibration_inputs (b, s, d_model={source.d_model})")
     n_kv, d_h = source.n_kv_heads, source.head_dim
@@ -218,7 +212,7 @@ def mha2mla_convert(
     # layer (zero-padded where a head keeps more), and layers converted alike share one shape.
     parts = partial_rope_parts(source, kept, nope_dim=d_h if allocation == "global" else None)
     if kv_lora_rank is not None:
-        covariance = None if svd_basis == "weights" else input_covariance(calibration_inputs)
+        covariance = None if svd_basis == "weights" else input_moment(calibration_inputs, source.d_model)
         key_rows = parts.latent_down.shape[0] - n_kv * d_h  # the nope-key rows come first
         parts = svd_low_rank_parts(parts, kv_lora_rank, method=svd, key_rows=key_rows, covariance=covariance)
     return assemble_mla(parts, source.d_model)

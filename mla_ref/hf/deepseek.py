@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from mla_ref.dtypes import dtype_name
 from mla_ref.hf.build import tinylm_from_state, unallocated
-from mla_ref.hf.files import DTYPE_NAMES, WeightFiles, check_tensors, read_config
+from mla_ref.hf.files import WeightFiles, check_tensors, read_config
 from mla_ref.hf.llama import hf_name
 from mla_ref.model import ModelConfig, TinyLM
 
@@ -89,7 +90,7 @@ def deepseek_config(
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": None,
         "eos_token_id": None,
-        "dtype": DTYPE_NAMES[dtype],
+        "dtype": dtype_name(dtype),
     }
     data.update(token_ids or {})
     return data

@@ -42,7 +42,6 @@ CARRIED_FILES: tuple[str, ...] = (
 # the safetensors dtype name -> torch dtype (the inverse of tensor_files.SAFETENSORS_DTYPES)
 TORCH_DTYPE_OF_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPE_NAMES: tuple[str, ...] = ("F64", "F32", "BF16", "F16")  # what a weight may be stored as
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def read_config(directory: str | os.PathLike) -> dict:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from mla_ref.hf.files import CONFIG_FILE, DTYPE_NAMES, save_weights, write_json
+from mla_ref.dtypes import dtype_name
+from mla_ref.hf.files import CONFIG_FILE, save_weights, write_json
 from mla_ref.hf.llama import expected_shapes, llama_config
 from mla_ref.model import ModelConfig
 
@@ -155,7 +156,7 @@ def gguf_hf_config(reader, config: ModelConfig, dtype: torch.dtype = torch.float
     for key in ("bos", "eos", "padding"):
         value = _field(reader, f"tokenizer.ggml.{key}_token_id")
         data["pad_token_id" if key == "padding" else f"{key}_token_id"] = None if value is None else int(value)
-    data["torch_dtype"] = DTYPE_NAMES[dtype]  # transformers < 5 reads this name; ≥ 5 reads "dtype"
+    data["torch_dtype"] = dtype_name(dtype)  # transformers < 5 reads this name; ≥ 5 reads "dtype"
     return data
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from mla_ref import checkpoint
 from mla_ref.calculator import GQA_MODEL_TYPES
+from mla_ref.dtypes import dtype_name
 from mla_ref.hf.build import block_from_state, tinylm_from_state, unallocated
-from mla_ref.hf.files import DTYPE_NAMES, WeightFiles, check_tensors, read_config
+from mla_ref.hf.files import WeightFiles, check_tensors, read_config
 from mla_ref.model import Block, ModelConfig, TinyLM
 from mla_ref.rope import convert_layout, inverse_frequencies
 
@@ -276,7 +276,7 @@ def llama_config(config: ModelConfig, model_type: str, dtype: torch.dtype, max_p
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": None,
         "eos_token_id": None,
-        "dtype": DTYPE_NAMES[dtype],
+        "dtype": dtype_name(dtype),
     }
     if model_type == "qwen2":
         data.update(use_sliding_window=False, sliding_window=None)
@@ -300,8 +300,3 @@ def llama_tensors(model: TinyLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             tensor = convert_layout(rows.movedim(1, -1), "interleaved", "rotate_half").movedim(-1, 1).flatten(0, 1)
         tensors[hf_name(name)] = tensor.detach().to(dtype).contiguous()
     return tensors
-
-
-def source_dtype(directory: str | os.PathLike) -> torch.dtype:
-    """The storage dtype of an mla_ref checkpoint directory."""
-    return checkpoint.read_config(directory)[1]

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import math
 import os
 import time
 import warnings
@@ -44,17 +42,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", (TqdmWarning, TqdmExperimentalWarning))
     from tqdm.auto import tqdm
 
-from mla_ref import checkpoint
-from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
-from mla_ref.calculator import DTYPES
 from mla_ref.convert.biased import convert_layer
-from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.model import mla_config
-from mla_ref.convert.sizes import PROFILES, plan_sizes
 from mla_ref.convert.split_choice import SplitSearch
 from mla_ref.convert.stock_form import (
     DEEPSEEK_NORM_EPS,
-    NORM_MODES,
     anchor_constant,
     fit_norm,
     fit_rope_theta,
@@ -63,159 +55,25 @@ from mla_ref.convert.stock_form import (
     low_rank_query,
     stock_mla,
 )
-from mla_ref.data import load_corpus, read_text_folder
+from mla_ref.data import Corpus, load_corpus
+from mla_ref.dtypes import DTYPES
 from mla_ref.hf.build import block_from_state, tinylm_from_state
 from mla_ref.hf.deepseek import deepseek_config
 from mla_ref.hf.files import copy_carried_files, write_json
 from mla_ref.hf.models import save_mla_weights
 from mla_ref.hf.sources import open_source
-from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig
 from mla_ref.outputs import check_output, staged_output
-from mla_ref.pipelines.calibration import CalibrationText, calibration_windows, first_windows, interleave_windows
+from mla_ref.pipelines.calibration import CalibrationText, first_windows, folder_calibration
+from mla_ref.pipelines.convert_options import ConvertOptions, plan_conversion
 from mla_ref.pipelines.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
-from mla_ref.pipelines.report import ConversionReport, Streams, describe_source
-from mla_ref.pipelines.serving import serving_verdict
-from mla_ref.provenance import source_facts
+from mla_ref.pipelines.report import ConversionReport, Streams, build_report
 from mla_ref.records import CONVERSION_RECORD
-
-FORMATS: tuple[str, ...] = ("deepseek-v3", "mla-ref")
-
-
-@dataclass
-class ConvertOptions:
-    """What ``convert_checkpoint`` does; the defaults are the command line's."""
-
-    method: str | None = None  # a name in mla_ref.convert.METHODS; None: "recipe" when a size is given, else "exact"
-    budget: float | None = None  # fraction of the source's cache per token; sizes then follow the method's rule
-    kv_lora_rank: int | None = (
-        None  # d_c; default: from the budget (half the source's cache), less d_R (not with a budget)
-    )
-    rope_dim: int | None = None  # d_R; default: the method's own rule
-    profile: str | None = None  # "engine": the 512 + 64 latent that vLLM's and SGLang's MLA kernels accept
-    q_lora_rank: int | None = None  # low-rank query bottleneck, or None for a full q_proj
-    freqfold: int = 1  # TransMLA's FreqFold F (transmla, recipe)
-    norm: str | None = None  # stock DeepSeek-V3's latent RMSNorm: "anchor" (exact, one element more) or "gain";
-    # None: "anchor", or "gain" for --profile engine (the engines take no attention bias, which the anchor needs)
-    force: bool = False  # write a DeepSeek-V3 form that is materially worse than the conversion (and say so)
-    format: str = "deepseek-v3"
-    dtype: str | None = None  # fp32 / bf16 / fp16; None: the source's storage dtype
-    calib_dir: str | None = None  # folder of text (None: the Python standard library)
-    calib_tokens: int = 16384  # one window of seq_len from each of as many stretches of the train split
-    calib_extra_dir: str | None = None  # a second folder of text, read whole, its windows spaced among the first's
-    calib_extra_tokens: int | None = None  # tokens from calib_extra_dir; None: as many as calib_tokens
-    eval_tokens: int = 4096  # 0 skips the quality report (the written form is still checked on calibration text)
-    seq_len: int = 256
-
-    def __post_init__(self):
-        if self.norm is None:
-            self.norm = "gain" if self.profile is not None else "anchor"
-        if self.profile is not None:
-            require_choice("profile", self.profile, PROFILES)
-            if self.norm == "anchor":
-                raise ValueError(
-                    "--profile engine cannot use --norm anchor: the anchor is an attention bias, which the engines' "
-                    "MLA kernels do not accept"
-                )
-            if self.kv_lora_rank is not None or self.rope_dim is not None or self.budget is not None:
-                raise ValueError(
-                    "--profile engine chooses d_c and d_R itself: drop --kv-lora-rank, --rope-dim, --budget"
-                )
-            if self.format != "deepseek-v3":
-                raise ValueError(f"--profile engine needs --format deepseek-v3; got {self.format!r}")
-        sized = any(v is not None for v in (self.kv_lora_rank, self.rope_dim, self.budget, self.profile))
-        if self.method is None:
-            self.method = "recipe" if sized else "exact"
-        require_choice("method", self.method, tuple(METHODS))
-        require_choice("format", self.format, FORMATS)
-        require_choice("norm", self.norm, NORM_MODES)
-        if self.dtype is not None:
-            require_choice("dtype", self.dtype, tuple(DTYPES))
-        for name in ("kv_lora_rank", "rope_dim", "q_lora_rank"):
-            if getattr(self, name) is not None:
-                (require_non_negative_int if name == "rope_dim" else require_positive_int)(name, getattr(self, name))
-        require_positive_int("freqfold", self.freqfold)
-        require_positive_int("calib_tokens", self.calib_tokens)
-        if self.calib_extra_tokens is not None:
-            if self.calib_extra_dir is None:
-                raise ValueError("--calib-extra-tokens needs --calib-extra-dir, the folder they are taken from")
-            require_positive_int("calib_extra_tokens", self.calib_extra_tokens)
-        require_non_negative_int("eval_tokens", self.eval_tokens)
-        require_positive_int("seq_len", self.seq_len)
-        if self.method == "exact" and sized:
-            raise ValueError(
-                "method 'exact' keeps the source's cache (d_c = d_R = n_kv·d_h); --kv-lora-rank, --rope-dim, "
-                f"--budget and --profile need a lossy method: {', '.join(LOSSY_METHODS)}"
-            )
-        if self.freqfold != 1 and "freqfold" not in METHODS[self.method].options:
-            raise ValueError(f"--freqfold is TransMLA's (methods transmla, recipe); got method {self.method!r}")
-
-    def method_options(self) -> dict:
-        """The options of the chosen method's converter (e.g. TransMLA's freqfold)."""
-        return {"freqfold": self.freqfold} if "freqfold" in METHODS[self.method].options else {}
-
-    def reserved_elements(self) -> int:
-        """Cache elements per token the written form adds to d_c + d_R: the anchored latent coordinate."""
-        return 1 if self.format == "deepseek-v3" and self.norm == "anchor" else 0
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------
-def _mla_config(source: ModelConfig, layers: list[MultiHeadLatentAttention], *, stock: bool) -> ModelConfig:
-    return mla_config(source, layers, rope_tables=not stock)
-
-
 def _block_state(attention: torch.nn.Module, rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**{f"self_attn.{k}": v for k, v in attention.state_dict().items()}, **rest}
-
-
-def _rounded(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """The module with its weights rounded to the storage dtype (computing stays fp32)."""
-    return module.to(dtype).float()
-
-
-def _check_output_options(options: ConvertOptions, source_config: ModelConfig) -> None:
-    """Refuse, before any work, what the chosen output format cannot hold."""
-    if options.format != "mla-ref":
-        return
-    if options.dtype == "fp16":
-        raise ValueError(f"--format mla-ref stores {', '.join(checkpoint.STORAGE_DTYPES)}; got dtype 'fp16'")
-
-
-def _check_one_rope_table(options: ConvertOptions, candidate_sizes: list[dict], source_config: ModelConfig) -> None:
-    """Refuse, before any work, a d_R that the one RoPE table of a DeepSeek-V3 config cannot hold exactly.
-
-    The table turns d_R/2 pairs at distinct frequencies, and the source has d_h/2 of them: a d_R above d_h repeats
-    a frequency, which the written form could only approximate (the guard would refuse it after the work).
-    """
-    if options.format != "deepseek-v3" or options.force:
-        return
-    head_dim = source_config.head_dim
-    for sizes in candidate_sizes:
-        rope_dim = sizes.get("rope_dim", 2 * sizes.get("rope_pairs", 0) * source_config.kv_heads)
-        if rope_dim > head_dim and options.rope_dim is not None:
-            raise ValueError(
-                f"--rope-dim {rope_dim} is more than the source's head size d_h = {head_dim}: the one RoPE table of a "
-                f"DeepSeek-V3 config turns each of the source's {head_dim // 2} frequencies once, so it holds at most "
-                f"d_R = {head_dim}; choose --rope-dim {head_dim} or less, or --format mla-ref (which keeps any d_R), "
-                "or --force to write the approximate table anyway"
-            )
-
-
-def _check_calibration_amount(options: ConvertOptions, calibration_text: CalibrationText | None, needed: int) -> None:
-    """Refuse, before any work, fewer calibration tokens than the method needs (the recipe's output refit)."""
-    if calibration_text is not None:
-        given = calibration_text.windows.shape[0] * (calibration_text.windows.shape[1] - 1)
-    else:
-        windows = math.ceil(options.calib_tokens / options.seq_len)
-        if options.calib_extra_dir is not None:
-            windows += math.ceil((options.calib_extra_tokens or options.calib_tokens) / options.seq_len)
-        given = windows * options.seq_len
-    if given < needed:
-        raise ValueError(
-            f"method {options.method!r} needs at least {needed:,} calibration tokens for this source (its output "
-            f"refit solves h·d_v weights per output, two tokens each), got {given:,}: raise --calib-tokens, or use "
-            "a method without the refit (transmla)"
-        )
 
 
 def _release_freed_memory() -> None:
@@ -309,7 +167,7 @@ def _model_kl(config: ModelConfig, layers: list, rest: list, guard: Streams, sou
     streams = Streams(guard.inputs, guard.targets)
     streams.hidden["source"] = source_hidden
     modules = [module.float() for module, _ in layers]
-    exact_config = _mla_config(config, modules, stock=False)
+    exact_config = mla_config(config, modules)
     hidden = F.embedding(guard.inputs, embed).float()
     for i, module in enumerate(modules):
         layer_rest = {name: tensor.float() for name, tensor in rest[i].items()}
@@ -327,7 +185,7 @@ def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit,
     ``kept.attention`` is emptied as it goes, so one copy of the model is held.
     """
     stock = options.format == "deepseek-v3"
-    exact_config = _mla_config(config, kept.attention, stock=False)
+    exact_config = mla_config(config, kept.attention)
     stock_bias = exact_config.attention_bias or options.norm == "anchor"
     written = []
     for i in tqdm(range(config.n_layers), desc="evaluate", disable=quiet, leave=False):
@@ -339,10 +197,10 @@ def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit,
             layer = stock_mla(
                 exact, theta=rope_fit.theta, mode=options.norm, fit=kept.fits[i], bound=kept.bounds[i], bias=stock_bias
             )
-            layer = _rounded(layer, dtype)  # evaluated as it will be stored
+            layer = layer.to(dtype).float()  # its weights rounded as they will be stored; computing stays fp32
         exact_block = block_from_state(exact_config, i, _block_state(exact, rest))
         if stock:
-            stock_config = _mla_config(config, [layer], stock=True)
+            stock_config = mla_config(config, [layer], rope_tables=False)
             stock_block = block_from_state(
                 stock_config, i, _block_state(layer, rest), latent_norm_eps=DEEPSEEK_NORM_EPS
             )
@@ -356,30 +214,88 @@ def _finish_layers(config: ModelConfig, kept: _Layers, options, dtype, rope_fit,
     return written
 
 
-def _folder_calibration(source_root, corpus, options: ConvertOptions, vocab_size: int) -> tuple[torch.Tensor, str]:
-    """Calibration windows (n, seq_len + 1) from the train split of ``corpus``, and from every text file of
-    ``options.calib_extra_dir`` spaced evenly among them; and where they came from, in words for CONVERSION.md.
+@dataclass
+class _Text:
+    """The token windows of one conversion: calibration inputs, the guard's windows (the first calibration windows,
+    on which the written form and each candidate split are checked) and the evaluation windows (None without a
+    quality report).  Shapes: calibration (n_c, s); the Streams hold inputs and targets (n, s)."""
 
-    Why a second folder: the output refit and the latent follow the calibration text, so a model converted on code
-    loses more on English prose (SmolLM2-135M at 25%: 1.62× the source's perplexity on held-out code, 2.33× on
-    prose); adding prose of another kind to the calibration narrows that (``benchmarks/calibration_text.py``).
-    """
+    calibration: torch.Tensor
+    where: str  # where the calibration came from, in words for CONVERSION.md
+    guard: Streams
+    evaluation: Streams | None
+    corpus: Corpus
 
-    def spread(data: torch.Tensor, n_tokens: int, what: str) -> tuple[torch.Tensor, str]:
-        windows, evenly = calibration_windows(source_root, data, vocab_size, n_tokens, options.seq_len)
-        return windows, f"{'spread evenly over' if evenly else 'from the start of'} {what}"
+    def inputs(self) -> torch.Tensor:
+        """Every window the source runs on in pass 1: calibration first, then evaluation.  (n, s)"""
+        return self.calibration if self.evaluation is None else torch.cat([self.calibration, self.evaluation.inputs])
 
-    calibration, where = spread(corpus.train, options.calib_tokens, f"the train split of {corpus.root}")
-    if options.calib_extra_dir is None:
-        return calibration, where
-    text, files = read_text_folder(options.calib_extra_dir)
-    n_extra = options.calib_extra_tokens or options.calib_tokens
-    extra, extra_where = spread(text, n_extra, f"the {len(files)} text files of {options.calib_extra_dir}")
-    where = (
-        f"in two parts, the second's windows spaced evenly among the first's: {calibration.numel() - len(calibration):,} "
-        f"tokens {where}; {extra.numel() - len(extra):,} tokens {extra_where}"
-    )
-    return interleave_windows(calibration, extra), where
+
+def _conversion_text(source, options: ConvertOptions, calibration_text: CalibrationText | None) -> _Text:
+    """Calibration windows (train split, or the caller's) and evaluation windows (validation split), as token ids."""
+    corpus = load_corpus(options.calib_dir)
+    vocab_size = source.config.vocab_size
+    if calibration_text is None:
+        calibration, where = folder_calibration(source.root, corpus, options, vocab_size)
+    else:
+        calibration = calibration_text.checked(vocab_size, options.seq_len)
+        where = f"given by the caller: {calibration_text.description}"
+    # the written form is checked against the conversion on (up to) the first GUARD_TOKENS calibration tokens
+    n_guard = max(1, GUARD_TOKENS // options.seq_len)  # windows
+    guard = Streams(calibration[:n_guard, :-1], calibration[:n_guard, 1:])
+    evaluation = None
+    if options.eval_tokens:
+        windows = first_windows(source.root, corpus.val, vocab_size, options.eval_tokens, options.seq_len)
+        evaluation = Streams(windows[:, :-1], windows[:, 1:])
+    return _Text(calibration[:, :-1], where, guard, evaluation, corpus)
+
+
+def _start_streams(text: _Text, hidden: torch.Tensor, embed: torch.Tensor, stock: bool) -> list[Streams]:
+    """The guard and evaluation streams, each holding the source's final hidden states (from pass 1) and the
+    embeddings the written forms start from.  Shapes: hidden (n_c [+ n_e], s, D)."""
+    all_streams = [(text.guard, hidden[: len(text.guard.inputs)])]
+    if text.evaluation is not None:
+        all_streams.append((text.evaluation, hidden[len(text.calibration) :]))
+    for each, source_hidden in all_streams:
+        each.hidden["source"] = source_hidden
+        each.hidden[REFERENCE_FORM] = F.embedding(each.inputs, embed).float()
+        if stock:
+            each.hidden[WRITTEN_FORM] = each.hidden[REFERENCE_FORM].clone()
+    return [each for each, _ in all_streams]
+
+
+def _assemble(config: ModelConfig, written: list, rest: list, embed, final_norm, head, dtype, stock: bool):
+    """The written model (TinyLM at ``dtype``) and its config, from the written attention and the kept blocks."""
+    out_config = mla_config(config, written, rope_tables=not stock)
+    state = {"embed_tokens.weight": embed.to(dtype), "norm.weight": final_norm.to(dtype)}
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = head.to(dtype)
+    for i, (attention, block_rest) in enumerate(zip(written, rest, strict=True)):
+        state.update({f"layers.{i}.{k}": v for k, v in _block_state(attention, block_rest).items()})
+    return tinylm_from_state(out_config, state), out_config
+
+
+def _write(output: Path, source, options, out_config, model, dtype, report, start: float, overwrite: bool) -> None:
+    """OUT, through a staging folder: config.json (DeepSeek-V3 form), the weights, the tokenizer files, CONVERSION.md."""
+    with staged_output(output, overwrite=overwrite) as staging:
+        if options.format == "deepseek-v3":
+            token_ids = {
+                k: source.hf_config[k]
+                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if k in source.hf_config
+            }
+            config_json = deepseek_config(
+                out_config,
+                dtype=dtype,
+                attention_bias=out_config.attention_bias,
+                max_positions=source.max_positions,
+                token_ids=token_ids,
+            )
+            write_json(staging / "config.json", config_json)
+        save_mla_weights(model, staging, options.format, dtype)
+        copy_carried_files(source.root, staging)
+        report.seconds = time.perf_counter() - start
+        (staging / CONVERSION_RECORD).write_text(report.markdown(), encoding="utf-8")
 
 
 def convert_checkpoint(
@@ -405,59 +321,24 @@ def convert_checkpoint(
         output_dir, inputs=[source_dir, options.calib_dir, options.calib_extra_dir], overwrite=overwrite
     )
     source = open_source(source_dir)
-    config = source.config
-    _check_output_options(options, config)
-    if calibration_text is not None and options.calib_extra_dir is not None:
-        raise ValueError("give calibration_text or a second calibration folder (calib_extra_dir), not both")
-    for folder in (options.calib_dir, options.calib_extra_dir):
-        if folder is not None and not Path(folder).is_dir():
-            raise ValueError(f"text folder {str(folder)!r} does not exist or is not a directory")
-    # the sizes every layer will be converted at, from layer 0 (all layers share their shape): a size the source
-    # cannot take is refused here, before the calibration text is read
-    first_attention = source.block(0).self_attn
-    candidate_sizes = plan_sizes(
-        METHODS[options.method],
-        first_attention,
-        budget=options.budget,
-        kv_lora_rank=options.kv_lora_rank,
-        rope_dim=options.rope_dim,
-        reserve=options.reserved_elements(),
-        profile=options.profile,
-        **options.method_options(),
-    )
-    _check_one_rope_table(options, candidate_sizes, config)
-    _check_calibration_amount(
-        options, calibration_text, METHODS[options.method].calibration_tokens_needed(first_attention)
-    )
+    candidate_sizes = plan_conversion(options, source, calibration_text)  # every check, before any work
+    config, stock = source.config, options.format == "deepseek-v3"
     dtype = DTYPES[options.dtype] if options.dtype else source.storage_dtype()
     dtype = dtype if dtype in DTYPES.values() else torch.float32
-    stock = options.format == "deepseek-v3"
+    text = _conversion_text(source, options, calibration_text)
 
-    # calibration windows (train split) and evaluation windows (validation split), as token ids
-    corpus = load_corpus(options.calib_dir)
-    if calibration_text is None:
-        calibration, where = _folder_calibration(source.root, corpus, options, config.vocab_size)
-    else:
-        calibration = calibration_text.checked(config.vocab_size, options.seq_len)
-        where = f"given by the caller: {calibration_text.description}"
-    # the written form is checked against the conversion on (up to) the first GUARD_TOKENS calibration tokens
-    n_guard = max(1, GUARD_TOKENS // options.seq_len)  # windows
-    guard = Streams(calibration[:n_guard, :-1], calibration[:n_guard, 1:])
-    calibration = calibration[:, :-1]  # (n_c, s): inputs only
-    streams = None
-    if options.eval_tokens:
-        windows = first_windows(source.root, corpus.val, config.vocab_size, options.eval_tokens, options.seq_len)
-        streams = Streams(windows[:, :-1], windows[:, 1:])
-    inputs = calibration if streams is None else torch.cat([calibration, streams.inputs])
-
+    # pass 1: every layer converted at every candidate split; then the split whose whole model is closest
     embed = source.stored("embed_tokens.weight")  # (vocab, D) as stored: the largest tensor, kept once
+    hidden = F.embedding(text.inputs(), embed).float()  # (n, s, D)
     kept, search, hidden = _convert_layers(
-        source, options, candidate_sizes, dtype, F.embedding(inputs, embed).float(), len(calibration), quiet
+        source, options, candidate_sizes, dtype, hidden, len(text.calibration), quiet
     )
     final_norm = source.tensor("norm.weight")
     head = embed if config.tie_embeddings else source.stored("lm_head.weight")
-    guard_hidden = hidden[: len(guard.inputs)]
-    search.choose(lambda _k, layers: _model_kl(config, layers, kept.rest, guard, guard_hidden, embed, final_norm, head))
+    guard_hidden = hidden[: len(text.guard.inputs)]
+    search.choose(
+        lambda _k, layers: _model_kl(config, layers, kept.rest, text.guard, guard_hidden, embed, final_norm, head)
+    )
     for module, fit in search.chosen():
         kept.attention.append(module)
         if fit is not None:
@@ -466,86 +347,22 @@ def convert_checkpoint(
     if stock:  # the one RoPE table of the DeepSeek-V3 config
         hint = config.rope_theta ** (kept.attention[0].qk_rope_head_dim / config.head_dim)
         rope_fit = fit_rope_theta([layer_table(m) for m in kept.attention], options.seq_len, hint=hint)
-    all_streams = [(guard, hidden[: len(guard.inputs)])]
-    if streams is not None:
-        all_streams.append((streams, hidden[len(calibration) :]))
-    for each, source_hidden in all_streams:
-        each.hidden["source"] = source_hidden
-        each.hidden[REFERENCE_FORM] = F.embedding(each.inputs, embed).float()
-        if stock:
-            each.hidden[WRITTEN_FORM] = each.hidden[REFERENCE_FORM].clone()
+
+    # pass 2: each layer in its written form, the guard and evaluation text carried through both forms
+    all_streams = _start_streams(text, hidden, embed, stock)
     del hidden
-    written = _finish_layers(config, kept, options, dtype, rope_fit, [each for each, _ in all_streams], quiet)
-    quality = {} if streams is None else streams.quality(final_norm, head, config.norm_eps)
-    guard_quality = guard.quality(final_norm, head, config.norm_eps)
-    warning = (
-        check_written_form(guard_quality, guard.targets.numel(), options.norm, rope_fit, force=options.force)
-        if stock
-        else None
-    )
+    written = _finish_layers(config, kept, options, dtype, rope_fit, all_streams, quiet)
+    quality = {} if text.evaluation is None else text.evaluation.quality(final_norm, head, config.norm_eps)
+    guard_quality = text.guard.quality(final_norm, head, config.norm_eps)
+    warning = None
+    if stock:
+        warning = check_written_form(
+            guard_quality, text.guard.targets.numel(), options.norm, rope_fit, force=options.force
+        )
     _release_freed_memory()
 
-    out_config = _mla_config(config, written, stock=stock)
-    state = {"embed_tokens.weight": embed.to(dtype), "norm.weight": final_norm.to(dtype)}
-    if not config.tie_embeddings:
-        state["lm_head.weight"] = head.to(dtype)
-    for i, (attention, rest) in enumerate(zip(written, kept.rest, strict=True)):
-        state.update({f"layers.{i}.{k}": v for k, v in _block_state(attention, rest).items()})
-    model = tinylm_from_state(out_config, state)
-    source_elements = 2 * config.kv_heads * config.head_dim
-    output_elements = written[0].cache_elements_per_token()
-    fits = kept.fits
-    report = ConversionReport(
-        source=str(source_dir),
-        provenance=source_facts(source_dir),
-        output=str(output_dir),
-        command=command or f"convert_checkpoint({str(source_dir)!r}, {str(output_dir)!r})",
-        options={**dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch.")},
-        source_description=describe_source(source),
-        method_title=METHODS[options.method].title,
-        method_steps=METHODS[options.method].steps,
-        serving=serving_verdict(out_config) if stock else None,
-        mla_sizes={
-            "d_c": written[0].kv_lora_rank,
-            "d_R": written[0].qk_rope_head_dim,
-            "d_N": written[0].qk_nope_head_dim,
-            "d_v": written[0].v_head_dim,
-            "q_lora_rank": written[0].q_lora_rank,
-        },
-        cache={
-            "dtype": str(dtype).removeprefix("torch."),
-            "source_elements": source_elements,
-            "output_elements": output_elements,
-            "source_bytes": source_elements * config.n_layers * dtype.itemsize,
-            "output_bytes": output_elements * config.n_layers * dtype.itemsize,
-        },
-        rope=None if rope_fit is None else dataclasses.asdict(rope_fit),
-        norm_errors=None if not fits else {k: sum(f.errors[k] for f in fits) / len(fits) for k in fits[0].errors},
-        quality=quality,
-        warning=warning,
-        calibration=f"{calibration.numel():,} tokens in {len(calibration)} windows of {options.seq_len} {where}",
-        split=search.describe(),
-        evaluation=""
-        if streams is None
-        else f"{streams.targets.numel():,} tokens of the validation split of {corpus.root}, windows of {options.seq_len}",
-    )
-    with staged_output(output, overwrite=overwrite) as staging:
-        if stock:
-            token_ids = {
-                k: source.hf_config[k]
-                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if k in source.hf_config
-            }
-            config_json = deepseek_config(
-                out_config,
-                dtype=dtype,
-                attention_bias=out_config.attention_bias,
-                max_positions=source.max_positions,
-                token_ids=token_ids,
-            )
-            write_json(staging / "config.json", config_json)
-        save_mla_weights(model, staging, options.format, dtype)
-        copy_carried_files(source.root, staging)
-        report.seconds = time.perf_counter() - start
-        (staging / CONVERSION_RECORD).write_text(report.markdown(), encoding="utf-8")
+    model, out_config = _assemble(config, written, kept.rest, embed, final_norm, head, dtype, stock)
+    report = build_report(source, source_dir, output_dir, options, command, dtype, out_config, written, kept, text,
+                     search, rope_fit, quality, warning)  # fmt: skip
+    _write(output, source, options, out_config, model, dtype, report, start, overwrite)
     return report

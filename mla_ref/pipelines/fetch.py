@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from mla_ref.hf.files import DTYPE_NAMES
+from mla_ref.calculator import gqa_elements_per_token_per_layer
+from mla_ref.dtypes import dtype_name
 from mla_ref.hf.gguf import GGUF_TYPES, UNQUANTIZED_TYPES, convert_gguf
 from mla_ref.model import ModelConfig
 from mla_ref.outputs import check_output, staged_output
@@ -205,7 +206,7 @@ def _model_card(entry: RealModel, summary: dict, measured: dict, facts: dict) ->
         for kind, info in summary["stored_types"].items()
     ]
     quantized = sorted(kind for kind in summary["stored_types"] if kind not in UNQUANTIZED_TYPES)
-    cache = 2 * config.kv_heads * config.head_dim
+    cache = gqa_elements_per_token_per_layer(config.kv_heads, config.head_dim)
     lines = [
         f"# {entry.name}",
         "",
@@ -346,7 +347,7 @@ def fetch_model(
         facts = {
             "name": name,
             "source": entry.source(),
-            "dtype": DTYPE_NAMES[STORAGE_DTYPE],
+            "dtype": dtype_name(STORAGE_DTYPE),
             "files": files,
             "stored_types": summary["stored_types"],
             "seconds": round(time.perf_counter() - start, 1),

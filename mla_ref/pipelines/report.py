@@ -3,7 +3,8 @@
 ``Streams`` carries the hidden states of several models on the same evaluation windows (the source's first);
 ``Streams.quality`` applies the final norm and the head in chunks and compares: perplexity, the mean
 KL(p_source ‖ p_model) per token, and the largest logit difference.  ``ConversionReport`` gathers these with
-the sizes, the KV-cache saving and the DeepSeek-V3 fits, prints a summary and writes CONVERSION.md.
+the sizes, the KV-cache saving and the DeepSeek-V3 fits, prints a summary and writes CONVERSION.md;
+``build_report`` fills it in from what a conversion kept and measured.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mla_ref.calculator import gqa_elements_per_token_per_layer
+from mla_ref.convert.methods import METHODS
+from mla_ref.dtypes import dtype_name
 from mla_ref.measures import kl_from_log_probs
+from mla_ref.pipelines.serving import serving_verdict
+from mla_ref.provenance import source_facts
 from mla_ref.records import record_section
 
 
@@ -212,4 +218,50 @@ def describe_source(source) -> str:
     return (
         f"{kind}, {c.n_layers} layers, d_model {c.d_model}, {c.attention.upper()}: {c.n_heads} query heads over "
         f"{c.kv_heads} KV heads of {c.head_dim}" + (", q/k/v biases" if c.attention_bias else "")
+    )
+
+
+def build_report(source, source_dir, output_dir, options, command, dtype, out_config, written, kept, text, search,
+            rope_fit, quality, warning) -> ConversionReport:  # fmt: skip
+    """What CONVERSION.md and the command's summary say: method, sizes, cache, calibration, quality."""
+    stock = options.format == "deepseek-v3"
+    source_elements = gqa_elements_per_token_per_layer(source.config.kv_heads, source.config.head_dim)
+    output_elements = written[0].cache_elements_per_token()
+    n_layers, fits = source.config.n_layers, kept.fits
+    evaluation = text.evaluation
+    return ConversionReport(
+        source=str(source_dir),
+        provenance=source_facts(source_dir),
+        output=str(output_dir),
+        command=command or f"convert_checkpoint({str(source_dir)!r}, {str(output_dir)!r})",
+        options={**dataclasses.asdict(options), "dtype": dtype_name(dtype)},
+        source_description=describe_source(source),
+        method_title=METHODS[options.method].title,
+        method_steps=METHODS[options.method].steps,
+        serving=serving_verdict(out_config) if stock else None,
+        mla_sizes={
+            "d_c": written[0].kv_lora_rank,
+            "d_R": written[0].qk_rope_head_dim,
+            "d_N": written[0].qk_nope_head_dim,
+            "d_v": written[0].v_head_dim,
+            "q_lora_rank": written[0].q_lora_rank,
+        },
+        cache={
+            "dtype": dtype_name(dtype),
+            "source_elements": source_elements,
+            "output_elements": output_elements,
+            "source_bytes": source_elements * n_layers * dtype.itemsize,
+            "output_bytes": output_elements * n_layers * dtype.itemsize,
+        },
+        rope=None if rope_fit is None else dataclasses.asdict(rope_fit),
+        norm_errors=None if not fits else {k: sum(f.errors[k] for f in fits) / len(fits) for k in fits[0].errors},
+        quality=quality,
+        warning=warning,
+        calibration=f"{text.calibration.numel():,} tokens in {len(text.calibration)} windows of {options.seq_len} "
+        f"{text.where}",
+        split=search.describe(),
+        evaluation=""
+        if evaluation is None
+        else f"{evaluation.targets.numel():,} tokens of the validation split of {text.corpus.root}, windows of "
+        f"{options.seq_len}",
     )
