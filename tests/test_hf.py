@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from mla_ref import checkpoint
 from mla_ref.cli.convert import convert_command, export_command
 from mla_ref.cli.lab import evaluate_command
-from mla_ref.convert.stock_form import fit_rope_theta, input_bound, standard_table, stock_mla
+from mla_ref.convert.rope_table import fit_rope_theta, standard_table
+from mla_ref.convert.stock_form import input_bound, stock_mla
 from mla_ref.data import load_corpus, read_text_folder
 from mla_ref.hf import export_model, llama3_frequencies, load_llama, load_model, text_tokens
 from mla_ref.mla import MultiHeadLatentAttention

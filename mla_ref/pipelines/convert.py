@@ -44,14 +44,13 @@ with warnings.catch_warnings():
 
 from mla_ref.convert.biased import convert_layer
 from mla_ref.convert.model import mla_config
+from mla_ref.convert.rope_table import fit_rope_theta, layer_table
 from mla_ref.convert.split_choice import SplitSearch
 from mla_ref.convert.stock_form import (
     DEEPSEEK_NORM_EPS,
     anchor_constant,
     fit_norm,
-    fit_rope_theta,
     input_bound,
-    layer_table,
     low_rank_query,
     stock_mla,
 )
