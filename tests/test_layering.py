@@ -104,7 +104,67 @@ def test_conversion_imports_no_training_code():
     training = {"mla_ref.train", "mla_ref.recovery"}
     for module, imported in GRAPH.items():
         if module.startswith("mla_ref.convert"):
-            assert not imported & training, f"{module} imports {sorted(imported & training)}"
+            assert not {t for t in imported if t.split(".")[:2] == ["mla_ref", "recovery"] or t in training}, module
+
+
+# Inside a package, the order that matters: the algorithms of convert/ know nothing of the methods that compose
+# them, nor of the size planning or the split search; a pipeline's helpers (calibration, report, guard, serving)
+# never import the pipelines that use them.
+INNER_ORDER: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (
+        (
+            "mla_ref.convert.activations",
+            "mla_ref.convert.bkv_pca",
+            "mla_ref.convert.exact",
+            "mla_ref.convert.mean_pool",
+            "mla_ref.convert.partial_rope",
+            "mla_ref.convert.parts",
+            "mla_ref.convert.refit",
+            "mla_ref.convert.rope_table",
+            "mla_ref.convert.rorope",
+            "mla_ref.convert.stock_form",
+            "mla_ref.convert.svd_low_rank",
+        ),
+        ("mla_ref.convert.methods", "mla_ref.convert.sizes", "mla_ref.convert.split_choice", "mla_ref.convert.model"),
+    ),
+    (
+        (
+            "mla_ref.pipelines.calibration",
+            "mla_ref.pipelines.report",
+            "mla_ref.pipelines.guard",
+            "mla_ref.pipelines.serving",
+        ),
+        ("mla_ref.pipelines.convert", "mla_ref.pipelines.recover", "mla_ref.pipelines.fetch"),
+    ),
+]
+
+
+def test_inside_a_package_the_lower_modules_never_import_the_higher():
+    for lower, higher in INNER_ORDER:
+        for module in lower:
+            upward = {t for t in GRAPH[module] if any(t == h or t.startswith(h + ".") for h in higher)}
+            assert not upward, f"{module} imports {sorted(upward)}, which build on it"
+
+
+# ---- sizes a reader can hold in mind ----------------------------------------------------------------------------
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
+# a parser's option list and a Triton kernel (one GPU program, split only at a cost) are read as tables, not logic
+LONG_BY_NATURE = ("_parser", "parser", "_mla_decode_split_kernel")
+
+
+def test_no_file_is_longer_than_a_reader_holds_in_mind():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES}
+    assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
+
+
+def test_no_function_is_longer_than_a_screen_or_two():
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.endswith(LONG_BY_NATURE):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name} ({n} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_the_check_itself_sees_an_upward_import_and_a_cycle():

@@ -17,8 +17,8 @@ from mla_ref.pipelines.convert import ConvertOptions, convert_checkpoint
 from mla_ref.pipelines.convert_options import FORMATS
 
 
-def convert_command(argv: list[str] | None = None) -> int:
-    """``python -m mla_ref convert SRC OUT [--method …] …``"""
+def convert_parser() -> Parser:
+    """The options of ``python -m mla_ref convert``."""
     parser = Parser(
         prog="python -m mla_ref convert",
         description="Convert a llama / qwen2 / mistral checkpoint (or an mla_ref GQA-family checkpoint) to MLA, "
@@ -63,6 +63,11 @@ def convert_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="deepseek-v3", help="output layout (default deepseek-v3)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no report on stdout")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+def convert_command(argv: list[str] | None = None) -> int:
+    """``python -m mla_ref convert SRC OUT [--method …] …``"""
 
     def action(args, argv):
         options = ConvertOptions(
@@ -97,7 +102,7 @@ def convert_command(argv: list[str] | None = None) -> int:
             for line in report.summary_lines():
                 print("  " + line)
 
-    return run(parser, argv, action)
+    return run(convert_parser(), argv, action)
 
 
 def export_command(argv: list[str] | None = None) -> int:
