@@ -23,23 +23,17 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import TqdmExperimentalWarning, TqdmWarning
-
-with warnings.catch_warnings():
-    # Without ipywidgets, tqdm.auto warns once on import and falls back to the text bar; that is fine here.
-    warnings.simplefilter("ignore", (TqdmWarning, TqdmExperimentalWarning))
-    from tqdm.auto import tqdm
 
 from mla_ref import records
 from mla_ref._checks import require_non_negative_int, require_positive_int
 from mla_ref.data import Corpus, random_batch, validation_windows
 from mla_ref.model import TinyLM
+from mla_ref.progress import tqdm
 
 RECORD_FILE = "TRAINING.md"
 TEACHERS_DIR = Path(__file__).resolve().parent / "teachers"  # the shipped teachers: mha/ and gqa/

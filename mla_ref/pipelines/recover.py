@@ -21,9 +21,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-
-from mla_ref._checks import require_choice
+from mla_ref._checks import require_choice, resolve_device
 from mla_ref.data import load_corpus
 from mla_ref.hf.deepseek import MLA_MODEL_TYPE
 from mla_ref.hf.files import copy_carried_files, read_config, write_json
@@ -217,8 +215,7 @@ def _check_paths(converted: Path, output: Path, options: RecoverOptions, overwri
     if source.resolve() == converted.resolve():
         raise ValueError(f"--source {str(source)!r} is CONVERTED itself; pass the model it was converted from")
     check_output(output, inputs=[converted, source, options.calib_dir], overwrite=overwrite)
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    resolve_device(options.device, name="--device")
     same_tokenizer(source, converted)
     return source
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mla_ref._checks import require_positive_int, require_tokens
+from mla_ref._checks import require_positive_int, require_tokens, resolve_device
 from mla_ref.model import TinyLM
-from mla_ref.profile import resolve_device
+from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
     BETAS,
     GRAD_CLIP,
@@ -31,7 +31,7 @@ from mla_ref.recovery.steps import (
     require_time_limit,
     touches_kept,
 )
-from mla_ref.train import distillation_loss, tqdm
+from mla_ref.train import distillation_loss
 
 
 @dataclass(frozen=True)

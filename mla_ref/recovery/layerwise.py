@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mla_ref._checks import require_choice, require_positive_int, require_tokens
+from mla_ref._checks import require_choice, require_positive_int, require_tokens, resolve_device
 from mla_ref.model import TinyLM
-from mla_ref.profile import resolve_device
+from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
     BETAS,
     GRAD_CLIP,
@@ -44,7 +44,6 @@ from mla_ref.recovery.steps import (
     touches_kept,
     trainable,
 )
-from mla_ref.train import tqdm
 
 LAYERWISE_INPUTS: tuple[str, ...] = ("teacher", "student")
 CHECK_FRACTION = (
