@@ -98,15 +98,22 @@ class TrainResult:
     final: Evaluation | None = None
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to lr over warmup_steps, then a cosine down to min_lr_ratio · lr at ``steps``."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    floor = config.min_lr_ratio * config.lr
-    # lr(p) = floor + (lr - floor) · (1 + cos πp) / 2
-    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def learning_rate(step: int, *, steps: int, lr: float, warmup: int, min_ratio: float, time_used: float = 0.0) -> float:
+    """The learning rate of step ``step`` (from 0): a linear warm-up, then a cosine down to a floor.
+
+        step < warmup:  lr · (step + 1) / warmup
+        after:          floor + (lr − floor) · (1 + cos πp) / 2,   floor = min_ratio · lr
+                        p = max((step − warmup) / (steps − warmup), time_used), at most 1
+
+    ``time_used`` is the fraction of a time limit already spent (0 without one): a run that the limit ends early
+    still ends on its small learning rate instead of being cut off near the peak.  ``train`` and the recoveries of
+    ``mla_ref.recovery`` all use this schedule.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, max((step - warmup) / max(1, steps - warmup), time_used))
+    floor = min_ratio * lr
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def distillation_loss(
@@ -218,7 +225,9 @@ def train(
     record(0, 0.0)
     bar = tqdm(range(config.steps), desc="train", disable=quiet, leave=False)
     for step in bar:
-        lr = learning_rate(step, config)
+        lr = learning_rate(
+            step, steps=config.steps, lr=config.lr, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = random_batch(corpus.train, config.batch_size, config.seq_len, generator)  # (b, s) each

@@ -22,16 +22,16 @@ from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
     BETAS,
     GRAD_CLIP,
+    MIN_LR_RATIO,
     MovedTo,
     balance_latent,
-    learning_rate,
     require_keep,
     require_lr,
     require_pair,
     require_time_limit,
     touches_kept,
 )
-from mla_ref.train import distillation_loss
+from mla_ref.train import distillation_loss, learning_rate
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,14 @@ def recover_distill(
                 if time_limit is not None and elapsed >= time_limit:
                     break
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, steps, elapsed, time_limit, lr, warmup)
+                    group["lr"] = learning_rate(
+                        step,
+                        steps=steps,
+                        lr=lr,
+                        warmup=warmup,
+                        min_ratio=MIN_LR_RATIO,
+                        time_used=elapsed / time_limit if time_limit else 0.0,
+                    )
                 batch = windows[torch.randperm(n, generator=generator)[:per_batch]].to(dev)  # (b, s + 1)
                 inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s) each
                 with torch.no_grad():

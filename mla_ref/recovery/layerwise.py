@@ -34,9 +34,9 @@ from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
     BETAS,
     GRAD_CLIP,
+    MIN_LR_RATIO,
     MovedTo,
     balance_latent,
-    learning_rate,
     require_keep,
     require_lr,
     require_pair,
@@ -44,6 +44,7 @@ from mla_ref.recovery.steps import (
     touches_kept,
     trainable,
 )
+from mla_ref.train import learning_rate
 
 LAYERWISE_INPUTS: tuple[str, ...] = ("teacher", "student")
 CHECK_FRACTION = (
@@ -378,7 +379,14 @@ def _fit_layer(
             if budget is not None and elapsed >= budget:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, steps, elapsed, budget, lr, max(1, steps // 20))
+                group["lr"] = learning_rate(
+                    step,
+                    steps=steps,
+                    lr=lr,
+                    warmup=max(1, steps // 20),
+                    min_ratio=MIN_LR_RATIO,
+                    time_used=elapsed / budget if budget else 0.0,
+                )
             rows = torch.randperm(len(x), generator=generator)[:per_batch].to(x.device)  # (b,) window indices
             target = y[rows]  # (b, s, D)
             error = attention(x[rows]) - target  # (b, s, D)

@@ -2,14 +2,12 @@
 
 - checks of their arguments, each a ValueError that names the value and what is allowed;
 - ``MovedTo``: modules on a device for a ``with`` block, and back where they were afterwards;
-- ``learning_rate``: warm-up, then a cosine that decays over the steps or over a time limit, whichever ends first;
+- the constants of their Adam runs (the schedule is ``mla_ref.train.learning_rate``, with a time limit's progress);
 - ``balance_latent``: an MLA layer's latent brought to unit scale, the same function, so that Adam's steps are
   small relative changes for every matrix.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -81,22 +79,6 @@ class MovedTo:
     def __exit__(self, *exc):
         for module, home in zip(self.modules, self.homes, strict=True):
             module.to(home)
-
-
-def learning_rate(step: int, steps: int, elapsed: float, budget: float | None, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine to a tenth of ``lr``.
-
-    Progress is the larger of the steps done and the time spent (against ``budget`` seconds), so a run that the
-    time limit ends early still ends on its small learning rate instead of being cut off at the peak.
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    if budget is not None and budget > 0:
-        progress = max(progress, elapsed / budget)
-    progress = min(1.0, progress)
-    floor = MIN_LR_RATIO * lr
-    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
