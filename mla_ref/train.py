@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from mla_ref import records
 from mla_ref._checks import require_non_negative_int, require_positive_int
 from mla_ref.data import Corpus, random_batch, validation_windows
+from mla_ref.measures import kl_per_position
 from mla_ref.model import TinyLM
 from mla_ref.progress import tqdm
 
@@ -130,10 +131,7 @@ def distillation_loss(
     """
     v = student_logits.shape[-1]
     hard = F.cross_entropy(student_logits.reshape(-1, v).float(), targets.reshape(-1))
-    student_log_probs = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)  # (b·s, v)
-    teacher_log_probs = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)  # (b·s, v)
-    # KL(p_t ‖ p_s) = Σ_v p_t (log p_t - log p_s), mean over tokens
-    soft = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
+    soft = kl_per_position(teacher_logits, student_logits, temperature=temperature).mean()  # KL(p_t ‖ p_s) per token
     return (1.0 - alpha) * hard + alpha * temperature**2 * soft
 
 

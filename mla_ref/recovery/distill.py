@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mla_ref._checks import require_positive_int, require_tokens, resolve_device
+from mla_ref.measures import kl_from_log_probs
 from mla_ref.model import TinyLM
 from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
@@ -218,8 +219,7 @@ def compare_with_teacher(
                 for name, model in models.items():
                     log_probs = F.log_softmax(model(inputs).flatten(0, 1).float(), dim=-1)  # (b·s, v)
                     totals[name][0] += F.nll_loss(log_probs, targets, reduction="sum").item()
-                    # KL(p_t ‖ p_m) = Σ_v p_t (log p_t − log p_m), summed over tokens
-                    totals[name][1] += F.kl_div(log_probs, reference, log_target=True, reduction="sum").item()
+                    totals[name][1] += kl_from_log_probs(reference, log_probs).sum().item()  # Σ KL(p_t ‖ p_m)
     finally:
         teacher.train(teacher_mode)
         for name, m in models.items():

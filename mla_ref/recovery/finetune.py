@@ -37,10 +37,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from mla_ref._checks import require_choice, require_positive_int
 from mla_ref.data import Corpus
+from mla_ref.measures import kl_per_position
 from mla_ref.model import TinyLM
 from mla_ref.train import Evaluation, TrainConfig, read_record, train
 
@@ -228,10 +228,8 @@ def teacher_divergence(
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
         inputs = chunk[:, :-1]  # (b, s)
-        student_log_probs = F.log_softmax(student(inputs).flatten(0, 1).float() / temperature, dim=-1)  # (b·s, v)
-        teacher_log_probs = F.log_softmax(teacher(inputs).flatten(0, 1).float() / temperature, dim=-1)  # (b·s, v)
-        # KL(p_t ‖ p_s) = Σ_v p_t (log p_t − log p_s), summed over tokens
-        total += F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum").item()
+        kl = kl_per_position(teacher(inputs), student(inputs), temperature=temperature)  # (b, s)
+        total += kl.sum().item()
         count += inputs.numel()
     student.train(modes[0])
     teacher.train(modes[1])
