@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mla_ref import records
-from mla_ref._checks import require_non_negative_int, require_positive_int
+from mla_ref._checks import require_non_negative_int, require_positive_int, require_tokens
 from mla_ref.data import Corpus, random_batch, validation_windows
 from mla_ref.measures import kl_per_position
 from mla_ref.model import TinyLM
@@ -154,8 +154,7 @@ def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[t
 @torch.no_grad()
 def evaluate(model: TinyLM, windows: torch.Tensor, *, batch_size: int = 32, path: str = "naive") -> Evaluation:
     """Mean next-byte cross entropy over ``windows`` (n, s + 1), with perplexity and bits per byte."""
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must have shape (n, s + 1) with s ≥ 1, got {tuple(windows.shape)}")
+    windows = require_tokens("windows", windows, model.config.vocab_size, min_len=2)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

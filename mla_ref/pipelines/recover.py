@@ -21,7 +21,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from mla_ref._checks import require_choice, resolve_device
+from mla_ref._checks import require_choice, require_number, require_positive_int, resolve_device
 from mla_ref.data import load_corpus
 from mla_ref.hf.deepseek import MLA_MODEL_TYPE
 from mla_ref.hf.files import copy_carried_files, read_config, write_json
@@ -142,26 +142,16 @@ class RecoverOptions:
     def __post_init__(self):
         require_choice("mode", self.mode, MODES)
         require_choice("device", self.device, DEVICES)
+        # each value named as the command line names it
         for name in ("tokens", "steps", "batch_tokens", "distill_steps", "distill_batch_tokens", "eval_tokens"):
-            if (
-                isinstance(getattr(self, name), bool)
-                or not isinstance(getattr(self, name), int)
-                or getattr(self, name) <= 0
-            ):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+            require_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"--seq-len must be an integer of at least 2, got {self.seq_len!r}")
-        for name in ("lr", "distill_lr"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 1), got {getattr(self, name)!r}")
-        if (
-            isinstance(self.first_weight, bool)
-            or not isinstance(self.first_weight, (int, float))
-            or self.first_weight < 0
-        ):
-            raise ValueError(f"--first-weight must be a non-negative number, got {self.first_weight!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"--minutes must be a positive number, got {self.minutes!r}")
+        require_number("--lr", self.lr, lambda v: 0 < v < 1, "lie in (0, 1)")
+        require_number("--distill-lr", self.distill_lr, lambda v: 0 < v < 1, "lie in (0, 1)")
+        require_number("--first-weight", self.first_weight, lambda w: w >= 0, "be a non-negative number")
+        if self.minutes is not None:
+            require_number("--minutes", self.minutes, lambda m: m > 0, "be a positive number")
 
 
 class RecoveryWorseError(ValueError):

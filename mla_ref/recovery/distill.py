@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mla_ref._checks import require_positive_int, require_tokens, resolve_device
+from mla_ref._checks import require_number, require_positive_int, require_tokens, resolve_device
 from mla_ref.measures import kl_from_log_probs
 from mla_ref.model import TinyLM
 from mla_ref.progress import tqdm
@@ -27,9 +27,7 @@ from mla_ref.recovery.steps import (
     MovedTo,
     balance_latent,
     require_keep,
-    require_lr,
     require_pair,
-    require_time_limit,
     touches_kept,
 )
 from mla_ref.train import distillation_loss, learning_rate
@@ -98,16 +96,18 @@ def recover_distill(
     """
     require_pair(student, teacher)
     require_positive_int("steps", steps)
-    lr = require_lr(lr)
+    lr = require_number("lr", lr, lambda v: 0 < v < 1, "lie in (0, 1)")
     require_positive_int("batch_tokens", batch_tokens)
-    time_limit = require_time_limit(time_limit_s)
+    time_limit = None
+    if time_limit_s is not None:
+        time_limit = require_number(
+            "time_limit_s", time_limit_s, lambda t: t > 0, "be a positive number of seconds or None"
+        )
     dev = resolve_device(device)
     keep = require_keep(student, keep)
     windows = require_tokens("windows", windows, teacher.config.vocab_size, min_len=2)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    require_number("alpha", alpha, lambda a: 0 <= a <= 1, "lie in [0, 1]")
+    require_number("temperature", temperature, lambda t: t > 0, "be positive")
     n, s = windows.shape[0], windows.shape[1] - 1
     per_batch = min(n, max(1, batch_tokens // s))
     warmup = max(5, steps // 10)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mla_ref._checks import require_choice, require_positive_int
+from mla_ref._checks import require_choice, require_number, require_positive_int, require_tokens
 from mla_ref.data import Corpus
 from mla_ref.measures import kl_per_position
 from mla_ref.model import TinyLM
@@ -81,8 +81,7 @@ def budget_steps(fraction: float, pretraining: int, *, batch_size: int, seq_len:
 
     steps = ⌊fraction · pretraining / (batch_size · seq_len)⌋; a budget smaller than one step raises ValueError.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    require_number("fraction", fraction, lambda f: 0 < f <= 1, "lie in (0, 1]")
     require_positive_int("pretraining", pretraining)
     per_step = require_positive_int("batch_size", batch_size) * require_positive_int("seq_len", seq_len)
     steps = math.floor(fraction * pretraining / per_step)
@@ -181,8 +180,7 @@ def recover(
     if max_fraction is not None:
         if pretraining_tokens is None:
             raise ValueError("max_fraction needs pretraining_tokens (the teacher's pre-training budget)")
-        if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
-            raise ValueError(f"max_fraction must lie in (0, 1], got {max_fraction!r}")
+        require_number("max_fraction", max_fraction, lambda f: 0 < f <= 1, "lie in (0, 1]")
         if tokens > max_fraction * pretraining_tokens:
             most = math.floor(max_fraction * pretraining_tokens / (config.batch_size * config.seq_len))
             raise ValueError(
@@ -218,10 +216,8 @@ def teacher_divergence(
 
     0 when the student predicts exactly as the teacher does.
     """
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must have shape (n, s + 1) with s ≥ 1, got {tuple(windows.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    windows = require_tokens("windows", windows, teacher.config.vocab_size, min_len=2)
+    require_number("temperature", temperature, lambda t: t > 0, "be positive")
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()

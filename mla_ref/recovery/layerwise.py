@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mla_ref._checks import require_choice, require_positive_int, require_tokens, resolve_device
+from mla_ref._checks import require_choice, require_number, require_positive_int, require_tokens, resolve_device
 from mla_ref.model import TinyLM
 from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
@@ -38,9 +38,7 @@ from mla_ref.recovery.steps import (
     MovedTo,
     balance_latent,
     require_keep,
-    require_lr,
     require_pair,
-    require_time_limit,
     touches_kept,
     trainable,
 )
@@ -208,14 +206,17 @@ def recover_layerwise(
     """
     require_pair(student, teacher)
     require_positive_int("steps", steps)
-    lr = require_lr(lr)
+    lr = require_number("lr", lr, lambda v: 0 < v < 1, "lie in (0, 1)")
     require_positive_int("batch_tokens", batch_tokens)
     require_positive_int("chunk_tokens", chunk_tokens)
     require_positive_int("measure_tokens", measure_tokens)
     require_choice("inputs", inputs, LAYERWISE_INPUTS)
-    if isinstance(first_weight, bool) or not isinstance(first_weight, (int, float)) or not first_weight >= 0:
-        raise ValueError(f"first_weight must be a non-negative number, got {first_weight!r}")
-    time_limit = require_time_limit(time_limit_s)
+    first_weight = require_number("first_weight", first_weight, lambda w: w >= 0, "be a non-negative number")
+    time_limit = None
+    if time_limit_s is not None:
+        time_limit = require_number(
+            "time_limit_s", time_limit_s, lambda t: t > 0, "be a positive number of seconds or None"
+        )
     dev = resolve_device(device)
     keep = require_keep(student, keep)
     tokens = require_tokens("tokens", tokens, teacher.config.vocab_size, min_len=1)

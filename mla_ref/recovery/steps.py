@@ -1,6 +1,7 @@
 """What both recoveries of a real model share (``layerwise``, ``distill``).
 
-- checks of their arguments, each a ValueError that names the value and what is allowed;
+- checks of their arguments, each a ValueError that names the value and what is allowed (the plain numbers are
+  checked with ``mla_ref._checks.require_number``);
 - ``MovedTo``: modules on a device for a ``with`` block, and back where they were afterwards;
 - the constants of their Adam runs (the schedule is ``mla_ref.train.learning_rate``, with a time limit's progress);
 - ``balance_latent``: an MLA layer's latent brought to unit scale, the same function, so that Adam's steps are
@@ -16,20 +17,6 @@ from mla_ref.model import TinyLM
 BETAS = (0.9, 0.95)  # a short run: the second moment must follow the gradients of the last few dozen steps
 MIN_LR_RATIO = 0.1  # the cosine ends at a tenth of the peak, as recovery_config's schedule does
 GRAD_CLIP = 1.0  # E_l and the distillation loss are O(1): a larger gradient norm is a bad batch, not a signal
-
-
-def require_time_limit(time_limit_s) -> float | None:
-    if time_limit_s is None:
-        return None
-    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or not time_limit_s > 0:
-        raise ValueError(f"time_limit_s must be a positive number of seconds or None, got {time_limit_s!r}")
-    return float(time_limit_s)
-
-
-def require_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        raise ValueError(f"lr must lie in (0, 1), got {lr!r}")
-    return float(lr)
 
 
 def require_pair(student: TinyLM, teacher: TinyLM) -> None:
