@@ -5,10 +5,13 @@
 - ``MovedTo``: modules on a device for a ``with`` block, and back where they were afterwards;
 - the constants of their Adam runs (the schedule is ``mla_ref.train.learning_rate``, with a time limit's progress);
 - ``balance_latent``: an MLA layer's latent brought to unit scale, the same function, so that Adam's steps are
-  small relative changes for every matrix.
+  small relative changes for every matrix;
+- ``training_only`` and ``take_step``: the parameters a run trains, and one clipped optimiser step.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -115,3 +118,30 @@ def touches_kept(attention: torch.nn.Module, keep: tuple[str, ...]) -> bool:
 def trainable(module: torch.nn.Module, keep: tuple[str, ...]) -> list[torch.nn.Parameter]:
     """The parameters of ``module`` not named in ``keep``."""
     return [p for name, p in module.named_parameters() if name not in keep]
+
+
+@contextmanager
+def training_only(module: torch.nn.Module, params: list[torch.nn.Parameter]):
+    """Gradients for ``params`` alone among ``module``'s parameters during the ``with`` block; afterwards every
+    parameter's requires_grad as it was, and no gradient left behind."""
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float) -> None:
+    """One optimiser step down ``loss`` at learning rate ``lr``, the gradients clipped to a global norm of GRAD_CLIP."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
