@@ -89,6 +89,11 @@ class Evaluation:
     bits_per_byte: float  # loss / ln 2
     tokens: int
 
+    @classmethod
+    def of_loss(cls, loss: float, tokens: int) -> Evaluation:
+        """The numbers of a mean cross entropy of ``loss`` nats over ``tokens`` predicted bytes."""
+        return cls(loss=loss, perplexity=math.exp(loss), bits_per_byte=loss / math.log(2), tokens=tokens)
+
 
 @dataclass
 class TrainResult:
@@ -164,8 +169,7 @@ def evaluate(model: TinyLM, windows: torch.Tensor, *, batch_size: int = 32, path
         total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
         count += targets.numel()
     model.train(was_training)
-    loss = total / count
-    return Evaluation(loss=loss, perplexity=math.exp(loss), bits_per_byte=loss / math.log(2), tokens=count)
+    return Evaluation.of_loss(total / count, tokens=count)
 
 
 def make_optimizer(model: TinyLM, config: TrainConfig) -> torch.optim.AdamW:

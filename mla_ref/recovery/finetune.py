@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ from mla_ref._checks import require_choice, require_number, require_positive_int
 from mla_ref.data import Corpus
 from mla_ref.measures import kl_per_position
 from mla_ref.model import TinyLM
+from mla_ref.recovery.steps import training_only
 from mla_ref.train import Evaluation, TrainConfig, read_record, train
 
 TRAINABLE: tuple[str, ...] = ("all", "attention")
@@ -129,15 +131,6 @@ def recovery_config(
     )
 
 
-def _freeze_all_but_attention(model: TinyLM) -> list[tuple[torch.nn.Parameter, bool]]:
-    """Turn off gradients outside the attention layers; returns what to restore."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    attention = {id(p) for layer in model.layers for p in layer.self_attn.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in attention)
-    return saved
-
-
 def recover(
     student: TinyLM,
     corpus: Corpus,
@@ -188,18 +181,12 @@ def recover(
                 f"{pretraining_tokens:,}, more than max_fraction = {max_fraction:.3%}; at batch_size · seq_len = "
                 f"{config.batch_size * config.seq_len:,} that allows at most {most} steps"
             )
-    saved = _freeze_all_but_attention(student) if trainable == "attention" else []
-    try:
+    attention = [p for layer in student.layers for p in layer.self_attn.parameters()]
+    with training_only(student, attention) if trainable == "attention" else nullcontext():
         result = train(student, corpus, config, teacher=teacher, quiet=quiet, log=log)
-    finally:
-        for p, requires_grad in saved:
-            p.requires_grad_(requires_grad)
     first = result.history[0]["val_loss"]  # train() evaluates once before the first step
-    before = Evaluation(
-        loss=first, perplexity=math.exp(first), bits_per_byte=first / math.log(2), tokens=result.final.tokens
-    )
     return RecoveryResult(
-        before=before,
+        before=Evaluation.of_loss(first, tokens=result.final.tokens),
         after=result.final,
         tokens=result.tokens_seen,
         pretraining_tokens=pretraining_tokens,

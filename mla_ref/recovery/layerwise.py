@@ -63,6 +63,7 @@ from mla_ref.recovery.steps import (
     balance_latent,
     require_keep,
     require_pair,
+    require_time_limit,
     take_step,
     touches_kept,
     trainable,
@@ -220,10 +221,7 @@ class _Run:
         self.first_weight = require_number(
             "first_weight", self.first_weight, lambda w: w >= 0, "be a non-negative number"
         )
-        if self.time_limit_s is not None:
-            self.time_limit_s = require_number(
-                "time_limit_s", self.time_limit_s, lambda t: t > 0, "be a positive number of seconds or None"
-            )
+        self.time_limit_s = require_time_limit(self.time_limit_s)
         self.device = resolve_device(self.device)
         self.keep = require_keep(self.student, self.keep)
         vocab = self.teacher.config.vocab_size

@@ -1,7 +1,6 @@
 """What both recoveries of a real model share (``layerwise``, ``distill``).
 
-- checks of their arguments, each a ValueError that names the value and what is allowed (the plain numbers are
-  checked with ``mla_ref._checks.require_number``);
+- checks of their arguments, each a ValueError that names the value and what is allowed;
 - ``MovedTo``: modules on a device for a ``with`` block, and back where they were afterwards;
 - the constants of their Adam runs (the schedule is ``mla_ref.train.learning_rate``, with a time limit's progress);
 - ``balance_latent``: an MLA layer's latent brought to unit scale, the same function, so that Adam's steps are
@@ -15,11 +14,19 @@ from contextlib import contextmanager
 
 import torch
 
+from mla_ref._checks import require_number
 from mla_ref.model import TinyLM
 
 BETAS = (0.9, 0.95)  # a short run: the second moment must follow the gradients of the last few dozen steps
 MIN_LR_RATIO = 0.1  # the cosine ends at a tenth of the peak, as recovery_config's schedule does
 GRAD_CLIP = 1.0  # E_l and the distillation loss are O(1): a larger gradient norm is a bad batch, not a signal
+
+
+def require_time_limit(time_limit_s) -> float | None:
+    """``time_limit_s`` as a float of seconds, or None for no limit."""
+    if time_limit_s is None:
+        return None
+    return require_number("time_limit_s", time_limit_s, lambda t: t > 0, "be a positive number of seconds or None")
 
 
 def require_pair(student: TinyLM, teacher: TinyLM) -> None:
