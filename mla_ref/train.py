@@ -15,13 +15,17 @@
   term says at every layer where the residual stream went wrong, not only at the logits.
 - Evaluation: mean cross entropy over the fixed validation slice, perplexity = exp(loss)
   and bits per byte = loss / ln 2 (one token is one byte).  Deterministic.
+- A teacher: ``train_teacher`` trains one from scratch and stores it with TRAINING.md (``training_record``), whose
+  facts ``read_record`` reads back; the shipped teachers in ``TEACHERS_DIR`` were made so.
 
-The ``train-teacher`` and ``eval`` commands that use this library are in ``mla_ref.cli.lab``.
+The ``train-teacher`` and ``eval`` commands (``mla_ref.cli.lab``) read the command line and call this library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mla_ref import records
+from mla_ref import checkpoint, records
 from mla_ref._checks import require_non_negative_int, require_positive_int, require_tokens
 from mla_ref.data import Corpus, random_batch, validation_windows
 from mla_ref.measures import kl_per_position
-from mla_ref.model import TinyLM
+from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.progress import tqdm
 
 RECORD_FILE = "TRAINING.md"
@@ -268,3 +272,116 @@ def read_record(directory: str | Path) -> dict:
     if not (Path(directory) / RECORD_FILE).is_file():
         raise ValueError(f"{str(directory)!r} has no {RECORD_FILE}")
     return records.read_record(Path(directory) / RECORD_FILE)
+
+
+# ---- a teacher, trained and recorded ---------------------------------------------------------------------------------
+def train_teacher(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    corpus: Corpus,
+    out: str | Path,
+    *,
+    command: str,
+    storage_dtype: str = "bfloat16",
+    overwrite: bool = False,
+    quiet: bool = False,
+    log=None,
+) -> TrainResult:
+    """Train a teacher from scratch and store it in ``out`` with its TRAINING.md (``python -m mla_ref train-teacher``).
+
+    train (initial weights seeded by ``train_config.seed``) → round the weights to ``storage_dtype``, as the
+    checkpoint stores them → evaluate those, so the record's final numbers are the stored model's → write the
+    checkpoint and TRAINING.md, which records ``command``.  Returns ``train``'s result with those final numbers.
+    """
+    torch.manual_seed(train_config.seed)
+    model = TinyLM(model_config)
+    if log is not None:
+        log(f"corpus: {corpus.describe()}; model: {model.num_parameters():,} parameters")
+    result = train(model, corpus, train_config, quiet=quiet, log=log)
+    dtype = checkpoint.STORAGE_DTYPES[storage_dtype]
+    stored = TinyLM(model_config)
+    stored.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
+    result.final = evaluate(stored, validation_windows(corpus.val, train_config.seq_len, train_config.eval_tokens))
+    record = training_record(command, model, corpus, train_config, result, storage_dtype)
+    checkpoint.save(model, out, dtype=dtype, extra_files={RECORD_FILE: record}, overwrite=overwrite)
+    return result
+
+
+def training_facts(
+    command: str, model: TinyLM, corpus: Corpus, train_config: TrainConfig, result: TrainResult, storage_dtype: str
+) -> dict:
+    """The facts of TRAINING.md's JSON block, which ``read_record`` reads back."""
+    final = result.final
+    return {
+        "command": command,
+        "seed": train_config.seed,
+        "steps": train_config.steps,
+        "batch_size": train_config.batch_size,
+        "seq_len": train_config.seq_len,
+        "tokens_seen": result.tokens_seen,
+        "wall_seconds": round(result.wall_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "parameters": model.num_parameters(),
+        "storage_dtype": storage_dtype,
+        "val_loss": round(final.loss, 5),
+        "val_perplexity": round(final.perplexity, 5),
+        "val_bits_per_byte": round(final.bits_per_byte, 5),
+        "val_tokens": final.tokens,
+        "corpus": {
+            "root": corpus.root,
+            "train_files": len(corpus.train_files),
+            "val_files": len(corpus.val_files),
+            "train_bytes": corpus.train.numel(),
+            "val_bytes": corpus.val.numel(),
+            "train_sha256": corpus.train_sha256,
+            "val_sha256": corpus.val_sha256,
+        },
+        "train_config": dataclasses.asdict(train_config),
+        "model_config": model.config.to_dict(),
+        "val_loss_curve": [
+            {"step": h["step"], "val_loss": round(h["val_loss"], 5)}
+            | ({"train_loss": round(h["train_loss"], 5)} if h["train_loss"] is not None else {})
+            for h in result.history
+        ],
+    }
+
+
+def training_record(
+    command: str, model: TinyLM, corpus: Corpus, train_config: TrainConfig, result: TrainResult, storage_dtype: str
+) -> str:
+    """TRAINING.md: a human-readable summary, the validation loss during training, and the facts as one JSON block."""
+    facts = training_facts(command, model, corpus, train_config, result, storage_dtype)
+    final, c, t = result.final, model.config, train_config
+    attention = f"{c.attention.upper()}: {c.n_heads} query heads over {c.kv_heads} KV heads of size {c.head_dim}"
+    lines = [
+        f"# Teacher: tiny byte-level Llama-style model ({c.attention.upper()})",
+        "",
+        "Trained by mla_ref's own code with exactly this command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- model: {c.n_layers} layers, d_model {c.d_model}, {attention}, SwiGLU {c.mlp_hidden}, "
+        f"RoPE {c.rope_layout} on every head dimension (θ = {c.rope_theta:g}); {facts['parameters']:,} parameters; "
+        f"stored as {storage_dtype}",
+        f"- data: {corpus.describe()} from `{corpus.root}` (Python {facts['python_version']}); "
+        f"train sha256 `{corpus.train_sha256}`, validation sha256 `{corpus.val_sha256}`",
+        f"- training: seed {t.seed}, {t.steps} steps × batch {t.batch_size} × sequence {t.seq_len} = "
+        f"{result.tokens_seen:,} tokens seen; AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine to "
+        f"{t.min_lr_ratio:g}·lr), clip {t.grad_clip:g}",
+        f"- wall time: {result.wall_seconds / 60:.1f} min on {facts['threads']} CPU threads, torch {torch.__version__}",
+        f"- validation of the stored weights (first {final.tokens:,} bytes of the validation split): "
+        f"loss {final.loss:.4f} nats/byte, perplexity {final.perplexity:.3f}, {final.bits_per_byte:.4f} bits/byte",
+        "",
+        "## Validation loss during training",
+        "",
+        "| step | train loss (mean since previous row) | val loss |",
+        "|---:|---:|---:|",
+    ]
+    for h in result.history:
+        train_loss = "" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
+        lines.append(f"| {h['step']} | {train_loss} | {h['val_loss']:.4f} |")
+    return "\n".join(lines + records.record_section(facts))
