@@ -25,8 +25,8 @@ attention layers alone at batch 16, about 1.06× with all parameters, batch 4 an
 KL(teacher ‖ student) per predicted byte — what distillation pulls down.
 
 On a real model a step of ``recover`` (the whole model forward and backward, a large vocabulary's head, the teacher)
-is expensive; ``mla_ref.recovery.layerwise`` trains each attention layer on its own against its source layer instead, and
-``mla_ref.recovery.distill`` runs this loss with a device, a time limit and parameters held fixed.
+is expensive; ``mla_ref.recovery.layerwise`` trains each attention layer on its own against its source layer
+instead, and ``mla_ref.recovery.distill`` runs this loss with a device, a time limit and parameters held fixed.
 ``python -m mla_ref recover`` (``mla_ref.pipelines.recover``) runs them on a checkpoint directory.
 """
 

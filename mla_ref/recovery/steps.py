@@ -1,4 +1,4 @@
-"""What both recoveries of a real model share (``layerwise``, ``distill``).
+"""What the recoveries share (``layerwise`` and ``distill``; ``finetune`` uses ``training_only`` as well).
 
 - checks of their arguments, each a ValueError that names the value and what is allowed;
 - ``MovedTo``: modules on a device for a ``with`` block, and back where they were afterwards;
