@@ -26,6 +26,14 @@ def require_even(name: str, value: int) -> int:
     return value
 
 
+def require_number(name: str, value: object, allowed, what: str) -> float:
+    """``value`` as a float if it is a real number (not a bool) for which ``allowed(value)`` holds, else a ValueError
+    that says what ``name`` must be: ``require_number("lr", lr, lambda v: 0 < v < 1, "lie in (0, 1)")``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not allowed(value):
+        raise ValueError(f"{name} must {what}, got {value!r}")
+    return float(value)
+
+
 def require_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise ValueError listing them."""
     if value not in allowed:
@@ -45,3 +53,24 @@ def require_tokens(name: str, tokens, vocab_size: int, *, min_len: int) -> torch
             f"{name} holds ids outside [0, {vocab_size}): min {int(tokens.min())}, max {int(tokens.max())}"
         )
     return tokens.long()
+
+
+def resolve_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device: "cpu", or "cuda" / "cuda:N" when torch sees that CUDA device."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type != "cuda":
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{name} {str(resolved)!r} asked for, but torch sees no CUDA device here "
+            "(torch.cuda.is_available() is False); use 'cpu'"
+        )
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{name} {str(resolved)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mla_ref._checks import require_non_negative_int, require_positive_int
+from mla_ref._checks import require_non_negative_int, require_positive_int, resolve_device
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.cache import KVCache, LatentCache
 from mla_ref.calculator import DTYPES, ModelShape, report
@@ -48,24 +48,6 @@ Cache = KVCache | LatentCache
 
 
 # ---- argument checks ----------------------------------------------------------------------------
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device: "cpu", or "cuda" / "cuda:N" when a CUDA device is available."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
-    if resolved.type == "cpu":
-        return torch.device("cpu")
-    if resolved.type != "cuda":
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {str(resolved)!r} asked for, but torch.cuda.is_available() is False; use 'cpu'")
-    index = torch.cuda.current_device() if resolved.index is None else resolved.index
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(resolved)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return torch.device("cuda", index)
-
-
 def _dtype_name(dtype: torch.dtype | str) -> str:
     """The calculator's name of a cache dtype ("bf16", "fp16" or "fp32"), from a name or a torch.dtype."""
     for name, torch_dtype in DTYPES.items():

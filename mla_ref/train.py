@@ -15,31 +15,30 @@
   term says at every layer where the residual stream went wrong, not only at the logits.
 - Evaluation: mean cross entropy over the fixed validation slice, perplexity = exp(loss)
   and bits per byte = loss / ln 2 (one token is one byte).  Deterministic.
+- A teacher: ``train_teacher`` trains one from scratch and stores it with TRAINING.md (``training_record``), whose
+  facts ``read_record`` reads back; the shipped teachers in ``TEACHERS_DIR`` were made so.
 
-The ``train-teacher`` and ``eval`` commands that use this library are in ``mla_ref.cli.lab``.
+The ``train-teacher`` and ``eval`` commands (``mla_ref.cli.lab``) read the command line and call this library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import TqdmExperimentalWarning, TqdmWarning
 
-with warnings.catch_warnings():
-    # Without ipywidgets, tqdm.auto warns once on import and falls back to the text bar; that is fine here.
-    warnings.simplefilter("ignore", (TqdmWarning, TqdmExperimentalWarning))
-    from tqdm.auto import tqdm
-
-from mla_ref import records
-from mla_ref._checks import require_non_negative_int, require_positive_int
+from mla_ref import checkpoint, records
+from mla_ref._checks import require_non_negative_int, require_positive_int, require_tokens
 from mla_ref.data import Corpus, random_batch, validation_windows
-from mla_ref.model import TinyLM
+from mla_ref.measures import kl_per_position
+from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.progress import tqdm
 
 RECORD_FILE = "TRAINING.md"
 TEACHERS_DIR = Path(__file__).resolve().parent / "teachers"  # the shipped teachers: mha/ and gqa/
@@ -94,6 +93,11 @@ class Evaluation:
     bits_per_byte: float  # loss / ln 2
     tokens: int
 
+    @classmethod
+    def of_loss(cls, loss: float, tokens: int) -> Evaluation:
+        """The numbers of a mean cross entropy of ``loss`` nats over ``tokens`` predicted bytes."""
+        return cls(loss=loss, perplexity=math.exp(loss), bits_per_byte=loss / math.log(2), tokens=tokens)
+
 
 @dataclass
 class TrainResult:
@@ -104,15 +108,22 @@ class TrainResult:
     final: Evaluation | None = None
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to lr over warmup_steps, then a cosine down to min_lr_ratio · lr at ``steps``."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    floor = config.min_lr_ratio * config.lr
-    # lr(p) = floor + (lr - floor) · (1 + cos πp) / 2
-    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def learning_rate(step: int, *, steps: int, lr: float, warmup: int, min_ratio: float, time_used: float = 0.0) -> float:
+    """The learning rate of step ``step`` (from 0): a linear warm-up, then a cosine down to a floor.
+
+        step < warmup:  lr · (step + 1) / warmup
+        after:          floor + (lr − floor) · (1 + cos πp) / 2,   floor = min_ratio · lr
+                        p = max((step − warmup) / (steps − warmup), time_used), at most 1
+
+    ``time_used`` is the fraction of a time limit already spent (0 without one): a run that the limit ends early
+    still ends on its small learning rate instead of being cut off near the peak.  ``train`` and the recoveries of
+    ``mla_ref.recovery`` all use this schedule.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, max((step - warmup) / max(1, steps - warmup), time_used))
+    floor = min_ratio * lr
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def distillation_loss(
@@ -129,10 +140,7 @@ def distillation_loss(
     """
     v = student_logits.shape[-1]
     hard = F.cross_entropy(student_logits.reshape(-1, v).float(), targets.reshape(-1))
-    student_log_probs = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)  # (b·s, v)
-    teacher_log_probs = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)  # (b·s, v)
-    # KL(p_t ‖ p_s) = Σ_v p_t (log p_t - log p_s), mean over tokens
-    soft = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
+    soft = kl_per_position(teacher_logits, student_logits, temperature=temperature).mean()  # KL(p_t ‖ p_s) per token
     return (1.0 - alpha) * hard + alpha * temperature**2 * soft
 
 
@@ -155,8 +163,7 @@ def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[t
 @torch.no_grad()
 def evaluate(model: TinyLM, windows: torch.Tensor, *, batch_size: int = 32, path: str = "naive") -> Evaluation:
     """Mean next-byte cross entropy over ``windows`` (n, s + 1), with perplexity and bits per byte."""
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must have shape (n, s + 1) with s ≥ 1, got {tuple(windows.shape)}")
+    windows = require_tokens("windows", windows, model.config.vocab_size, min_len=2)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -166,8 +173,7 @@ def evaluate(model: TinyLM, windows: torch.Tensor, *, batch_size: int = 32, path
         total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
         count += targets.numel()
     model.train(was_training)
-    loss = total / count
-    return Evaluation(loss=loss, perplexity=math.exp(loss), bits_per_byte=loss / math.log(2), tokens=count)
+    return Evaluation.of_loss(total / count, tokens=count)
 
 
 def make_optimizer(model: TinyLM, config: TrainConfig) -> torch.optim.AdamW:
@@ -224,7 +230,9 @@ def train(
     record(0, 0.0)
     bar = tqdm(range(config.steps), desc="train", disable=quiet, leave=False)
     for step in bar:
-        lr = learning_rate(step, config)
+        lr = learning_rate(
+            step, steps=config.steps, lr=config.lr, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = random_batch(corpus.train, config.batch_size, config.seq_len, generator)  # (b, s) each
@@ -264,3 +272,116 @@ def read_record(directory: str | Path) -> dict:
     if not (Path(directory) / RECORD_FILE).is_file():
         raise ValueError(f"{str(directory)!r} has no {RECORD_FILE}")
     return records.read_record(Path(directory) / RECORD_FILE)
+
+
+# ---- a teacher, trained and recorded ---------------------------------------------------------------------------------
+def train_teacher(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    corpus: Corpus,
+    out: str | Path,
+    *,
+    command: str,
+    storage_dtype: str = "bfloat16",
+    overwrite: bool = False,
+    quiet: bool = False,
+    log=None,
+) -> TrainResult:
+    """Train a teacher from scratch and store it in ``out`` with its TRAINING.md (``python -m mla_ref train-teacher``).
+
+    train (initial weights seeded by ``train_config.seed``) → round the weights to ``storage_dtype``, as the
+    checkpoint stores them → evaluate those, so the record's final numbers are the stored model's → write the
+    checkpoint and TRAINING.md, which records ``command``.  Returns ``train``'s result with those final numbers.
+    """
+    torch.manual_seed(train_config.seed)
+    model = TinyLM(model_config)
+    if log is not None:
+        log(f"corpus: {corpus.describe()}; model: {model.num_parameters():,} parameters")
+    result = train(model, corpus, train_config, quiet=quiet, log=log)
+    dtype = checkpoint.STORAGE_DTYPES[storage_dtype]
+    stored = TinyLM(model_config)
+    stored.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
+    result.final = evaluate(stored, validation_windows(corpus.val, train_config.seq_len, train_config.eval_tokens))
+    record = training_record(command, model, corpus, train_config, result, storage_dtype)
+    checkpoint.save(model, out, dtype=dtype, extra_files={RECORD_FILE: record}, overwrite=overwrite)
+    return result
+
+
+def training_facts(
+    command: str, model: TinyLM, corpus: Corpus, train_config: TrainConfig, result: TrainResult, storage_dtype: str
+) -> dict:
+    """The facts of TRAINING.md's JSON block, which ``read_record`` reads back."""
+    final = result.final
+    return {
+        "command": command,
+        "seed": train_config.seed,
+        "steps": train_config.steps,
+        "batch_size": train_config.batch_size,
+        "seq_len": train_config.seq_len,
+        "tokens_seen": result.tokens_seen,
+        "wall_seconds": round(result.wall_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "parameters": model.num_parameters(),
+        "storage_dtype": storage_dtype,
+        "val_loss": round(final.loss, 5),
+        "val_perplexity": round(final.perplexity, 5),
+        "val_bits_per_byte": round(final.bits_per_byte, 5),
+        "val_tokens": final.tokens,
+        "corpus": {
+            "root": corpus.root,
+            "train_files": len(corpus.train_files),
+            "val_files": len(corpus.val_files),
+            "train_bytes": corpus.train.numel(),
+            "val_bytes": corpus.val.numel(),
+            "train_sha256": corpus.train_sha256,
+            "val_sha256": corpus.val_sha256,
+        },
+        "train_config": dataclasses.asdict(train_config),
+        "model_config": model.config.to_dict(),
+        "val_loss_curve": [
+            {"step": h["step"], "val_loss": round(h["val_loss"], 5)}
+            | ({"train_loss": round(h["train_loss"], 5)} if h["train_loss"] is not None else {})
+            for h in result.history
+        ],
+    }
+
+
+def training_record(
+    command: str, model: TinyLM, corpus: Corpus, train_config: TrainConfig, result: TrainResult, storage_dtype: str
+) -> str:
+    """TRAINING.md: a human-readable summary, the validation loss during training, and the facts as one JSON block."""
+    facts = training_facts(command, model, corpus, train_config, result, storage_dtype)
+    final, c, t = result.final, model.config, train_config
+    attention = f"{c.attention.upper()}: {c.n_heads} query heads over {c.kv_heads} KV heads of size {c.head_dim}"
+    lines = [
+        f"# Teacher: tiny byte-level Llama-style model ({c.attention.upper()})",
+        "",
+        "Trained by mla_ref's own code with exactly this command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- model: {c.n_layers} layers, d_model {c.d_model}, {attention}, SwiGLU {c.mlp_hidden}, "
+        f"RoPE {c.rope_layout} on every head dimension (θ = {c.rope_theta:g}); {facts['parameters']:,} parameters; "
+        f"stored as {storage_dtype}",
+        f"- data: {corpus.describe()} from `{corpus.root}` (Python {facts['python_version']}); "
+        f"train sha256 `{corpus.train_sha256}`, validation sha256 `{corpus.val_sha256}`",
+        f"- training: seed {t.seed}, {t.steps} steps × batch {t.batch_size} × sequence {t.seq_len} = "
+        f"{result.tokens_seen:,} tokens seen; AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine to "
+        f"{t.min_lr_ratio:g}·lr), clip {t.grad_clip:g}",
+        f"- wall time: {result.wall_seconds / 60:.1f} min on {facts['threads']} CPU threads, torch {torch.__version__}",
+        f"- validation of the stored weights (first {final.tokens:,} bytes of the validation split): "
+        f"loss {final.loss:.4f} nats/byte, perplexity {final.perplexity:.3f}, {final.bits_per_byte:.4f} bits/byte",
+        "",
+        "## Validation loss during training",
+        "",
+        "| step | train loss (mean since previous row) | val loss |",
+        "|---:|---:|---:|",
+    ]
+    for h in result.history:
+        train_loss = "" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
+        lines.append(f"| {h['step']} | {train_loss} | {h['val_loss']:.4f} |")
+    return "\n".join(lines + records.record_section(facts))

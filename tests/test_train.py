@@ -45,13 +45,17 @@ def tiny_model(**overrides) -> TinyLM:
 
 
 def test_learning_rate_warms_up_then_decays_along_a_cosine():
-    config = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
-    lrs = [learning_rate(step, config) for step in range(101)]
+    schedule = dict(steps=100, lr=1e-3, warmup=10, min_ratio=0.1)
+    lrs = [learning_rate(step, **schedule) for step in range(101)]
     torch.testing.assert_close(lrs[0], 1e-4, rtol=1e-12, atol=0)  # 1/10 of the way up
     torch.testing.assert_close(lrs[9], 1e-3, rtol=1e-12, atol=0)  # peak at the end of warm-up
     torch.testing.assert_close(lrs[55], 0.55e-3, rtol=1e-12, atol=0)  # cosine midpoint: halfway to the floor
     torch.testing.assert_close(lrs[100], 1e-4, rtol=1e-12, atol=0)  # ends at min_lr_ratio · lr
     assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
+    # with a time limit, progress is the larger of the steps done and the time spent: half the time is the midpoint
+    torch.testing.assert_close(learning_rate(10, **schedule, time_used=0.5), 0.55e-3, rtol=1e-12, atol=0)
+    assert learning_rate(55, **schedule, time_used=0.2) == lrs[55]  # the steps are further along
+    assert learning_rate(20, **schedule, time_used=1.5) == lrs[100]  # past the limit: the floor
 
 
 def test_a_few_steps_reduce_the_validation_loss(text_corpus):

@@ -1,14 +1,14 @@
 """The tiny-model lab's commands: ``train-teacher`` (train and record a teacher) and ``eval`` (perplexity).
 
-``train-teacher`` writes the checkpoint with a TRAINING.md record; ``eval`` reads any directory mla_ref
-loads (an mla_ref checkpoint, a llama / qwen2 / mistral or DeepSeek-V3 directory).
+Both read the command line and print; the work is in the library.  ``train-teacher`` runs
+``mla_ref.train.train_teacher``, which writes the checkpoint with a TRAINING.md record; ``eval`` runs
+``mla_ref.pipelines.evaluate.evaluate_directory`` on any directory mla_ref loads (an mla_ref checkpoint, a llama /
+qwen2 / mistral or DeepSeek-V3 directory).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -16,13 +16,12 @@ import torch
 from mla_ref import checkpoint
 from mla_ref._checks import require_positive_int
 from mla_ref.cli.common import Parser, run
-from mla_ref.data import Corpus, load_corpus, validation_windows
+from mla_ref.data import load_corpus
 from mla_ref.mla import ATTENTION_PATHS
-from mla_ref.model import ModelConfig, TinyLM
+from mla_ref.model import ModelConfig
 from mla_ref.outputs import check_output
 from mla_ref.pipelines.evaluate import evaluate_directory
-from mla_ref.records import record_section
-from mla_ref.train import RECORD_FILE, TrainConfig, TrainResult, evaluate, train
+from mla_ref.train import TrainConfig, train_teacher
 
 
 def train_teacher_parser() -> Parser:
@@ -54,86 +53,6 @@ def train_teacher_parser() -> Parser:
     return p
 
 
-def training_record(
-    command: str,
-    model: TinyLM,
-    corpus: Corpus,
-    train_config: TrainConfig,
-    result: TrainResult,
-    storage_dtype: str,
-) -> str:
-    """TRAINING.md: a human-readable summary and the same facts as one JSON block."""
-    final = result.final
-    facts = {
-        "command": command,
-        "seed": train_config.seed,
-        "steps": train_config.steps,
-        "batch_size": train_config.batch_size,
-        "seq_len": train_config.seq_len,
-        "tokens_seen": result.tokens_seen,
-        "wall_seconds": round(result.wall_seconds, 1),
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "python_version": sys.version.split()[0],
-        "parameters": model.num_parameters(),
-        "storage_dtype": storage_dtype,
-        "val_loss": round(final.loss, 5),
-        "val_perplexity": round(final.perplexity, 5),
-        "val_bits_per_byte": round(final.bits_per_byte, 5),
-        "val_tokens": final.tokens,
-        "corpus": {
-            "root": corpus.root,
-            "train_files": len(corpus.train_files),
-            "val_files": len(corpus.val_files),
-            "train_bytes": corpus.train.numel(),
-            "val_bytes": corpus.val.numel(),
-            "train_sha256": corpus.train_sha256,
-            "val_sha256": corpus.val_sha256,
-        },
-        "train_config": dataclasses.asdict(train_config),
-        "model_config": model.config.to_dict(),
-        "val_loss_curve": [
-            {"step": h["step"], "val_loss": round(h["val_loss"], 5)}
-            | ({"train_loss": round(h["train_loss"], 5)} if h["train_loss"] is not None else {})
-            for h in result.history
-        ],
-    }
-    c = model.config
-    attention = f"{c.attention.upper()}: {c.n_heads} query heads over {c.kv_heads} KV heads of size {c.head_dim}"
-    lines = [
-        f"# Teacher: tiny byte-level Llama-style model ({c.attention.upper()})",
-        "",
-        "Trained by mla_ref's own code with exactly this command:",
-        "",
-        "```",
-        facts["command"],
-        "```",
-        "",
-        f"- model: {c.n_layers} layers, d_model {c.d_model}, {attention}, SwiGLU {c.mlp_hidden}, "
-        f"RoPE {c.rope_layout} on every head dimension (θ = {c.rope_theta:g}); {facts['parameters']:,} parameters; "
-        f"stored as {storage_dtype}",
-        f"- data: {corpus.describe()} from `{corpus.root}` (Python {facts['python_version']}); "
-        f"train sha256 `{corpus.train_sha256}`, validation sha256 `{corpus.val_sha256}`",
-        f"- training: seed {train_config.seed}, {train_config.steps} steps × batch {train_config.batch_size} × "
-        f"sequence {train_config.seq_len} = {result.tokens_seen:,} tokens seen; AdamW lr {train_config.lr:g} "
-        f"(warm-up {train_config.warmup_steps}, cosine to {train_config.min_lr_ratio:g}·lr), clip "
-        f"{train_config.grad_clip:g}",
-        f"- wall time: {result.wall_seconds / 60:.1f} min on {facts['threads']} CPU threads, torch {torch.__version__}",
-        f"- validation of the stored weights (first {final.tokens:,} bytes of the validation split): "
-        f"loss {final.loss:.4f} nats/byte, perplexity {final.perplexity:.3f}, {final.bits_per_byte:.4f} bits/byte",
-        "",
-        "## Validation loss during training",
-        "",
-        "| step | train loss (mean since previous row) | val loss |",
-        "|---:|---:|---:|",
-    ]
-    for h in result.history:
-        train_loss = "" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
-        lines.append(f"| {h['step']} | {train_loss} | {h['val_loss']:.4f} |")
-    lines += record_section(facts)
-    return "\n".join(lines)
-
-
 def train_teacher_command(argv: list[str] | None = None) -> int:
     """``python -m mla_ref train-teacher --attention mha|gqa --out DIR --steps N --seed S …``"""
 
@@ -161,26 +80,16 @@ def train_teacher_command(argv: list[str] | None = None) -> int:
             eval_every=args.eval_every,
             eval_tokens=args.eval_tokens,
         )
-        corpus = load_corpus(args.corpus)
-        torch.manual_seed(args.seed)
-        model = TinyLM(model_config)
-        if not args.quiet:
-            print(f"corpus: {corpus.describe()}; model: {model.num_parameters():,} parameters", flush=True)
-        log = None if args.quiet else (lambda line: print(line, flush=True))
-        result = train(model, corpus, train_config, quiet=args.quiet, log=log)
-        # The record's final numbers are those of the weights as stored (e.g. rounded to bf16).
-        storage_dtype = checkpoint.STORAGE_DTYPES[args.storage_dtype]
-        stored = TinyLM(model_config)
-        stored.load_state_dict({k: v.to(storage_dtype).float() for k, v in model.state_dict().items()})
-        result.final = evaluate(stored, validation_windows(corpus.val, train_config.seq_len, train_config.eval_tokens))
-        command = "python -m mla_ref train-teacher " + shlex.join(argv)
-        record = training_record(command, model, corpus, train_config, result, args.storage_dtype)
-        checkpoint.save(
-            model,
+        result = train_teacher(
+            model_config,
+            train_config,
+            load_corpus(args.corpus),
             out,
-            dtype=storage_dtype,
-            extra_files={RECORD_FILE: record},
+            storage_dtype=args.storage_dtype,
+            command="python -m mla_ref train-teacher " + shlex.join(argv),
             overwrite=args.overwrite,
+            quiet=args.quiet,
+            log=None if args.quiet else (lambda line: print(line, flush=True)),
         )
         final = result.final
         print(

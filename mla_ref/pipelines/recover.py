@@ -12,7 +12,10 @@ Before OUT is written, the recovered model is compared with CONVERTED on the las
 which no phase trains on: a recovery that leaves the model further from its source there (KL per token) is refused
 and nothing is written, unless forced — on SmolLM2 at 12.5% of its cache, every layer's own error fell while the
 whole model got worse.  Perplexity and KL to the source are then measured on the validation split (the text
-``convert`` reports on) for the model as it came and as written.  ``python -m mla_ref recover`` (``mla_ref.cli.recover``) is the command.
+``convert`` reports on) for the model as it came and as written.
+
+``python -m mla_ref recover`` (``mla_ref.cli.recover``) is the command; ``recovery_files`` finds SRC and writes OUT,
+``recovery_record`` writes RECOVERY.md.
 """
 
 from __future__ import annotations
@@ -23,17 +26,16 @@ from pathlib import Path
 
 import torch
 
-from mla_ref._checks import require_choice
-from mla_ref.data import load_corpus
-from mla_ref.hf.deepseek import MLA_MODEL_TYPE
-from mla_ref.hf.files import copy_carried_files, read_config, write_json
-from mla_ref.hf.models import load_model, save_mla_weights, storage_dtype
+from mla_ref._checks import require_choice, require_number, require_positive_int, resolve_device
+from mla_ref.data import Corpus, load_corpus
+from mla_ref.hf.files import read_config
+from mla_ref.hf.models import load_model, storage_dtype
 from mla_ref.model import TinyLM
-from mla_ref.outputs import check_output, staged_output
+from mla_ref.outputs import check_output
 from mla_ref.pipelines.calibration import first_windows, spread_windows
-from mla_ref.pipelines.recovery_record import RECOVERY_RECORD, recovery_markdown
-from mla_ref.provenance import check_source, recorded_source, source_facts
-from mla_ref.records import CONVERSION_RECORD
+from mla_ref.pipelines.recovery_files import find_source, kept_parameters, same_tokenizer, write_output, written_format
+from mla_ref.pipelines.recovery_record import recovery_markdown
+from mla_ref.provenance import recorded_source, source_facts
 from mla_ref.recovery.distill import Comparison, DistillResult, compare_with_teacher, recover_distill
 from mla_ref.recovery.layerwise import CHECK_FRACTION, LayerwiseResult, recover_layerwise
 
@@ -43,81 +45,6 @@ CALIBRATION_PIECES = 16  # evenly spaced stretches of the train split the calibr
 HELD_OUT_TOKENS = 2048  # validation tokens on which each layer's error is also measured (layerwise)
 CHECK_TOLERANCE = 1e-3  # relative KL slack of the check before writing: rounding, not a worse model
 DISTILL_ALPHA, DISTILL_TEMPERATURE = 0.5, 2.0  # recovery_config's: half next-token CE, half softened KL
-
-
-# ---- inputs ---------------------------------------------------------------------------------------------------------
-def find_source(converted: Path, given: str | None) -> Path:
-    """The source to recover towards: ``given`` (--source), else the one CONVERTED's CONVERSION.md records by its
-    absolute path; either is checked against the fingerprint the record holds (``mla_ref.provenance``)."""
-    recorded_path, expected = recorded_source(converted)
-    if given is not None:
-        source = Path(given)
-    elif recorded_path is None:
-        raise ValueError(
-            f"{str(converted)!r} has no {CONVERSION_RECORD} naming its source by an absolute path; pass --source SRC "
-            "(the model it was converted from)"
-        )
-    elif not (recorded_path / "config.json").is_file():
-        raise ValueError(
-            f"the source {str(recorded_path)!r} recorded in {str(converted / CONVERSION_RECORD)!r} is not there "
-            "(no config.json); pass --source SRC"
-        )
-    else:
-        source = recorded_path
-    read_config(source)  # a clear error for a missing directory or config.json
-    check_source(converted, source, expected)
-    return source
-
-
-def written_format(converted: Path, model: TinyLM) -> str:
-    """ "deepseek-v3" or "mla-ref": how CONVERTED is stored, and so how OUT will be."""
-    model_type = read_config(converted).get("model_type")
-    if model.config.attention != "mla":
-        raise ValueError(
-            f"{str(converted)!r} is not an MLA model (its attention is {model.config.attention!r}); recover trains "
-            "what `python -m mla_ref convert` wrote"
-        )
-    if model_type == MLA_MODEL_TYPE:
-        return "deepseek-v3"
-    if model_type is None:
-        return "mla-ref"
-    raise ValueError(f"{str(converted)!r}: model_type {model_type!r} is not an MLA format; allowed: {MLA_MODEL_TYPE}")
-
-
-def kept_parameters(model: TinyLM, model_format: str) -> tuple[str, ...]:
-    """Attention parameters the output format cannot hold when changed: stock DeepSeek-V3 has no q_proj bias."""
-    if model_format != "deepseek-v3":
-        return ()
-    names = dict(model.layers[0].self_attn.named_parameters())
-    return ("q_proj.bias",) if "q_proj.bias" in names else ()
-
-
-def same_tokenizer(a: Path, b: Path) -> None:
-    """Refuse a source and a converted model that read text differently (their tokenizer.json files differ)."""
-    ta, tb = a / "tokenizer.json", b / "tokenizer.json"
-    if ta.is_file() != tb.is_file() or (ta.is_file() and ta.read_bytes() != tb.read_bytes()):
-        raise ValueError(
-            f"{str(a)!r} and {str(b)!r} do not share a tokenizer.json; the source must be the model CONVERTED was "
-            "converted from"
-        )
-
-
-# ---- writing and training -------------------------------------------------------------------------------------------
-def write_output(
-    output: Path, student: TinyLM, converted: Path, source: Path, model_format: str, dtype, markdown: str, overwrite
-) -> None:
-    """OUT in CONVERTED's format, with RECOVERY.md, CONVERTED's CONVERSION.md and the source's tokenizer files."""
-    with staged_output(output, overwrite=overwrite) as staging:
-        if model_format == "deepseek-v3":
-            # the architecture is CONVERTED's, so its config.json (token ids and positions included) still holds
-            write_json(staging / "config.json", read_config(converted))
-        save_mla_weights(student, staging, model_format, dtype)
-        carried = copy_carried_files(source, staging)
-        if not carried:  # a source without tokenizer files: CONVERTED carries the same ones, if any
-            copy_carried_files(converted, staging)
-        if (converted / CONVERSION_RECORD).is_file():
-            (staging / CONVERSION_RECORD).write_bytes((converted / CONVERSION_RECORD).read_bytes())
-        (staging / RECOVERY_RECORD).write_text(markdown, encoding="utf-8")
 
 
 @dataclasses.dataclass
@@ -144,26 +71,16 @@ class RecoverOptions:
     def __post_init__(self):
         require_choice("mode", self.mode, MODES)
         require_choice("device", self.device, DEVICES)
+        # each value named as the command line names it
         for name in ("tokens", "steps", "batch_tokens", "distill_steps", "distill_batch_tokens", "eval_tokens"):
-            if (
-                isinstance(getattr(self, name), bool)
-                or not isinstance(getattr(self, name), int)
-                or getattr(self, name) <= 0
-            ):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+            require_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"--seq-len must be an integer of at least 2, got {self.seq_len!r}")
-        for name in ("lr", "distill_lr"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 1), got {getattr(self, name)!r}")
-        if (
-            isinstance(self.first_weight, bool)
-            or not isinstance(self.first_weight, (int, float))
-            or self.first_weight < 0
-        ):
-            raise ValueError(f"--first-weight must be a non-negative number, got {self.first_weight!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"--minutes must be a positive number, got {self.minutes!r}")
+        require_number("--lr", self.lr, lambda v: 0 < v < 1, "lie in (0, 1)")
+        require_number("--distill-lr", self.distill_lr, lambda v: 0 < v < 1, "lie in (0, 1)")
+        require_number("--first-weight", self.first_weight, lambda w: w >= 0, "be a non-negative number")
+        if self.minutes is not None:
+            require_number("--minutes", self.minutes, lambda m: m > 0, "be a positive number")
 
 
 class RecoveryWorseError(ValueError):
@@ -210,19 +127,6 @@ class RecoveryReport:
     seconds: float
 
 
-def _check_paths(converted: Path, output: Path, options: RecoverOptions, overwrite: bool) -> Path:
-    """Refuse, before any work, a bad CONVERTED, SRC or OUT; returns SRC."""
-    read_config(converted)  # a clear error for a missing directory or config.json
-    source = find_source(converted, options.source)
-    if source.resolve() == converted.resolve():
-        raise ValueError(f"--source {str(source)!r} is CONVERTED itself; pass the model it was converted from")
-    check_output(output, inputs=[converted, source, options.calib_dir], overwrite=overwrite)
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-    same_tokenizer(source, converted)
-    return source
-
-
 def recover_checkpoint(
     converted_dir,
     output_dir,
@@ -236,71 +140,118 @@ def recover_checkpoint(
 ) -> RecoveryReport:
     """Recover the converted model in ``converted_dir`` into ``output_dir`` (see the module docstring).
 
-    ``converted_dir`` and its source are never modified; ``output_dir`` appears only when complete, and an
-    existing one is refused unless ``overwrite``.  ``log`` gets one line of text per step worth reporting.
+    read the inputs → train (layerwise, distill or both) → measure against the source (the check windows decide
+    whether OUT is written) → write OUT.  ``converted_dir`` and its source are never modified; ``output_dir``
+    appears only when complete, and an existing one is refused unless ``overwrite``.  ``log`` gets one line of text
+    per step worth reporting.
     """
     options = options or RecoverOptions()
     log = log or (lambda line: None)
     converted, output = Path(converted_dir), Path(output_dir)
-    source = _check_paths(converted, output, options, overwrite)
+    job = _read_inputs(converted, output, options, overwrite)
+    log(
+        f"calibration {job.windows.shape[0]} windows of {options.seq_len} tokens; evaluation "
+        f"{job.evaluation.shape[0]} windows; training {options.mode} on {options.device}"
+    )
+    facts = _input_facts(job, converted, options, command or f"recover_checkpoint({str(converted)!r}, {str(output)!r})")
+    start = time.perf_counter()
+    layerwise, distill = _train(job, options, facts, quiet, log)
+    recovered = job.student.to(job.dtype).float().eval()  # measured as it will be stored: rounded to the storage dtype
+    models = {"converted": load_model(converted), "recovered": recovered}
+    check = _against_source(job.teacher, models, job.windows[-job.n_check :], options.device)
+    facts["check"] = {name: dataclasses.asdict(q) for name, q in check.items()}
+    facts["warning"] = check_recovered(check, force=force)  # raises RecoveryWorseError unless it passes or is forced
+    quality = _against_source(job.teacher, models, job.evaluation, options.device)
+    facts["evaluation"] = (
+        f"{job.evaluation.shape[0] * options.seq_len:,} tokens of the validation split of {job.corpus.root}, "
+        f"windows of {options.seq_len}"
+    )
+    facts["quality"] = {name: dataclasses.asdict(q) for name, q in quality.items()}
+    markdown = recovery_markdown(facts, layerwise, quality)
+    write_output(output, recovered, converted, job.source, job.model_format, job.dtype, markdown, overwrite)
+    return RecoveryReport(recovered, facts, quality, check, layerwise, distill, time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What ``recover_checkpoint`` reads before it trains."""
+
+    source: Path  # SRC
+    student: TinyLM  # CONVERTED's model, trained in place
+    teacher: TinyLM  # SRC's model
+    model_format: str  # how CONVERTED is stored, and OUT will be: "deepseek-v3" or "mla-ref"
+    dtype: torch.dtype  # CONVERTED's storage dtype
+    keep: tuple[str, ...]  # attention parameters the format cannot hold when changed
+    corpus: Corpus
+    windows: torch.Tensor  # (n, s + 1) calibration windows from the train split
+    n_check: int  # the last windows: trained on by no phase, they decide the write
+    evaluation: torch.Tensor  # (m, s + 1) windows of the validation split
+
+
+def _read_inputs(converted: Path, output: Path, options: RecoverOptions, overwrite: bool) -> _Inputs:
+    """Refuse, before any work, a bad CONVERTED, SRC, OUT or device; then load both models and cut the windows."""
+    read_config(converted)  # a clear error for a missing directory or config.json
+    source = find_source(converted, options.source)
+    if source.resolve() == converted.resolve():
+        raise ValueError(f"--source {str(source)!r} is CONVERTED itself; pass the model it was converted from")
+    check_output(output, inputs=[converted, source, options.calib_dir], overwrite=overwrite)
+    resolve_device(options.device, name="--device")
+    same_tokenizer(source, converted)
     student = load_model(converted)
     model_format = written_format(converted, student)
     dtype = storage_dtype(converted)
     teacher = load_model(source)
-    keep = kept_parameters(student, model_format)
     corpus = load_corpus(options.calib_dir)
     vocab, seq_len = student.config.vocab_size, options.seq_len
     windows = spread_windows(converted, corpus.train, vocab, options.tokens, seq_len, CALIBRATION_PIECES)
-    n_check = len(windows) // CHECK_FRACTION  # the last windows: trained on by no phase, they decide the write
+    n_check = len(windows) // CHECK_FRACTION
     if not n_check:
         raise ValueError(
             f"--tokens {options.tokens} gives {len(windows)} windows of {seq_len}; at least {CHECK_FRACTION} are "
             f"needed (the last 1/{CHECK_FRACTION} check the result): raise --tokens"
         )
     evaluation = first_windows(converted, corpus.val, vocab, options.eval_tokens, seq_len)  # (m, s + 1)
-    log(
-        f"calibration {windows.shape[0]} windows of {seq_len} tokens; evaluation {evaluation.shape[0]} windows; "
-        f"training {options.mode} on {options.device}"
-    )
-    facts = {
+    keep = kept_parameters(student, model_format)
+    return _Inputs(source, student, teacher, model_format, dtype, keep, corpus, windows, n_check, evaluation)
+
+
+def _input_facts(job: _Inputs, converted: Path, options: RecoverOptions, command: str) -> dict:
+    """RECOVERY.md's record of what the recovery starts from; the phases and measurements add theirs."""
+    n, seq_len = job.windows.shape[0], options.seq_len
+    return {
         "converted": str(converted),
-        "source": str(source),
-        **source_facts(source),
+        "source": str(job.source),
+        **source_facts(job.source),
         "source_checked": recorded_source(converted)[1] is not None,
-        "command": command or f"recover_checkpoint({str(converted)!r}, {str(output)!r})",
+        "command": command,
         "options": dataclasses.asdict(options),
         "mode": options.mode,
-        "kept": list(keep),
+        "kept": list(job.keep),
         "device": options.device,
-        "format": model_format,
-        "dtype": str(dtype).removeprefix("torch."),
-        "calibration": f"{windows.shape[0] * seq_len:,} tokens of the train split of {corpus.root}, "
-        f"{windows.shape[0]} windows of {seq_len} from {min(CALIBRATION_PIECES, windows.shape[0])} evenly "
-        f"spaced stretches; the last {n_check} windows are trained on by no phase and check the result",
+        "format": job.model_format,
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "calibration": f"{n * seq_len:,} tokens of the train split of {job.corpus.root}, {n} windows of {seq_len} "
+        f"from {min(CALIBRATION_PIECES, n)} evenly spaced stretches; the last {job.n_check} windows are trained on "
+        "by no phase and check the result",
     }
+
+
+def _train(
+    job: _Inputs, options: RecoverOptions, facts: dict, quiet: bool, log
+) -> tuple[LayerwiseResult | None, DistillResult | None]:
+    """The training phases ``options.mode`` asks for, layerwise first; each adds its facts to ``facts``.
+
+    With --minutes and --mode both, the layerwise phase gets its estimated share of the work (``layerwise_share``)
+    and distillation what is left.
+    """
     limit = None if options.minutes is None else 60.0 * options.minutes
     start, cpu_start = time.perf_counter(), time.process_time()
-    layerwise = None
+    layerwise = distill = None
     if options.mode in ("layerwise", "both"):
         share = limit
         if limit is not None and options.mode == "both":
-            share = limit * layerwise_share(student, options)
-        layerwise = recover_layerwise(
-            student,
-            teacher,
-            windows[:, :-1],
-            steps=options.steps,
-            lr=options.lr,
-            batch_tokens=options.batch_tokens,
-            device=options.device,
-            quiet=quiet,
-            time_limit_s=share,
-            held_out=evaluation[: max(1, HELD_OUT_TOKENS // seq_len), :-1],
-            keep=keep,
-            seed=options.seed,
-            first_weight=options.first_weight,
-            log=log,
-        )
+            share = limit * layerwise_share(job.student, options)
+        layerwise = _layerwise_phase(job, options, share, quiet, log)
         facts["layerwise"] = {
             "steps_per_layer": options.steps,
             "lr": options.lr,
@@ -310,24 +261,9 @@ def recover_checkpoint(
             "steps": layerwise.steps,
             "layers": [dataclasses.asdict(layer) for layer in layerwise.layers],
         }
-    distill = None
     if options.mode in ("distill", "both"):
         left = None if limit is None else max(1.0, limit - (time.perf_counter() - start))
-        distill = recover_distill(
-            student,
-            teacher,
-            windows[:-n_check],
-            steps=options.distill_steps,
-            lr=options.distill_lr,
-            batch_tokens=options.distill_batch_tokens,
-            device=options.device,
-            quiet=quiet,
-            time_limit_s=left,
-            keep=keep,
-            alpha=DISTILL_ALPHA,
-            temperature=DISTILL_TEMPERATURE,
-            seed=options.seed,
-        )
+        distill = _distill_phase(job, options, left, quiet)
         facts["distill"] = {
             "lr": options.distill_lr,
             "batch_tokens": options.distill_batch_tokens,
@@ -338,22 +274,53 @@ def recover_checkpoint(
         log(f"distill: loss {distill.first_loss:.4f} -> {distill.last_loss:.4f} in {distill.steps} steps")
     facts["train_wall_seconds"] = time.perf_counter() - start
     facts["train_cpu_seconds"] = time.process_time() - cpu_start
+    return layerwise, distill
 
-    student = student.to(dtype).float().eval()  # measured as it will be stored: rounded to the storage dtype
-    models = {"converted": load_model(converted), "recovered": student}
-    check = compare_with_teacher(teacher, models, windows[-n_check:], device=options.device)
-    check = {"source": check.pop("teacher"), **check}
-    facts["check"] = {name: dataclasses.asdict(q) for name, q in check.items()}
-    facts["warning"] = check_recovered(check, force=force)
-    quality = compare_with_teacher(teacher, models, evaluation, device=options.device)
-    quality = {"source": quality.pop("teacher"), **quality}
-    facts["evaluation"] = (
-        f"{evaluation.shape[0] * seq_len:,} tokens of the validation split of {corpus.root}, windows of {seq_len}"
+
+def _layerwise_phase(job: _Inputs, options: RecoverOptions, time_limit_s, quiet: bool, log) -> LayerwiseResult:
+    """Each attention layer against its source layer on every calibration window (the last eighth checks each
+    layer), its error also measured on the first validation windows."""
+    return recover_layerwise(
+        job.student,
+        job.teacher,
+        job.windows[:, :-1],
+        steps=options.steps,
+        lr=options.lr,
+        batch_tokens=options.batch_tokens,
+        device=options.device,
+        quiet=quiet,
+        time_limit_s=time_limit_s,
+        held_out=job.evaluation[: max(1, HELD_OUT_TOKENS // options.seq_len), :-1],
+        keep=job.keep,
+        seed=options.seed,
+        first_weight=options.first_weight,
+        log=log,
     )
-    facts["quality"] = {name: dataclasses.asdict(q) for name, q in quality.items()}
-    markdown = recovery_markdown(facts, layerwise, quality)
-    write_output(output, student, converted, source, model_format, dtype, markdown, overwrite)
-    return RecoveryReport(student, facts, quality, check, layerwise, distill, time.perf_counter() - start)
+
+
+def _distill_phase(job: _Inputs, options: RecoverOptions, time_limit_s, quiet: bool) -> DistillResult:
+    """The whole source distilled into the attention layers, on the calibration windows less the check windows."""
+    return recover_distill(
+        job.student,
+        job.teacher,
+        job.windows[: -job.n_check],
+        steps=options.distill_steps,
+        lr=options.distill_lr,
+        batch_tokens=options.distill_batch_tokens,
+        device=options.device,
+        quiet=quiet,
+        time_limit_s=time_limit_s,
+        keep=job.keep,
+        alpha=DISTILL_ALPHA,
+        temperature=DISTILL_TEMPERATURE,
+        seed=options.seed,
+    )
+
+
+def _against_source(teacher: TinyLM, models: dict[str, TinyLM], windows, device: str) -> dict[str, Comparison]:
+    """Perplexity and KL to the source of the source itself and of ``models`` on ``windows`` (n, s + 1)."""
+    measured = compare_with_teacher(teacher, models, windows, device=device)
+    return {"source": measured.pop("teacher"), **measured}
 
 
 def layerwise_share(model: TinyLM, options: RecoverOptions) -> float:

@@ -2,7 +2,10 @@
 
 - ``recover_distill``: ``recovery.recover``'s distillation loss (the same ``distillation_loss``) on the attention
   layers only, written out with what a real model needs: a device, a time limit, and parameters held fixed
-  (``keep``: e.g. a q_proj bias that stock DeepSeek-V3 cannot store);
+  (``keep``: e.g. a q_proj bias that stock DeepSeek-V3 cannot store).  Every layer moves at once here, and the
+  model's output is far more sensitive to a step than one layer's output is: on SmolLM2 at 25% of its cache, lr 1e-4
+  first lowered and then raised the KL to the source within six steps, where 3e-5 lowered it steadily (1.19 → 1.08
+  nats in 12 steps); ``recover_layerwise`` takes 1e-3;
 - ``compare_with_teacher``: perplexity and KL to the teacher of several models on the same windows, the teacher
   run once (its logits over a large vocabulary are the costly part).
 """
@@ -12,26 +15,29 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from mla_ref._checks import require_positive_int, require_tokens
+from mla_ref._checks import require_number, require_positive_int, require_tokens, resolve_device
+from mla_ref.measures import kl_from_log_probs
 from mla_ref.model import TinyLM
-from mla_ref.profile import resolve_device
+from mla_ref.progress import tqdm
 from mla_ref.recovery.steps import (
     BETAS,
-    GRAD_CLIP,
+    MIN_LR_RATIO,
     MovedTo,
     balance_latent,
-    learning_rate,
     require_keep,
-    require_lr,
     require_pair,
     require_time_limit,
+    take_step,
     touches_kept,
+    trainable,
+    training_only,
 )
-from mla_ref.train import distillation_loss, tqdm
+from mla_ref.train import distillation_loss, learning_rate
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,8 @@ def recover_distill(
     of ⌊batch_tokens / s⌋ random windows; Adam on the attention layers' parameters only (less ``keep``), the same
     schedule as ``recover_layerwise`` (cosine to lr/10, decaying over the time limit when that comes first) after a
     longer warm-up (a tenth of the steps, at least 5: Adam's first steps move every weight by about the learning
-    rate, and every layer at once), gradients clipped to norm 1.
-
-    Every layer moves at once here, and the model's output is far more sensitive to a step than one layer's
-    output is: on SmolLM2 at 25% of its cache, lr 1e-4 first lowered and then raised the KL to the source within
-    six steps, where 3e-5 lowered it steadily (1.19 → 1.08 nats in 12 steps); ``recover_layerwise`` takes 1e-3.
+    rate, and every layer at once), gradients clipped to norm 1.  Why its learning rate is far below
+    ``recover_layerwise``'s: the module docstring.
 
     Args:
         windows: (n, s + 1) token ids: inputs and their next tokens.
@@ -97,66 +100,27 @@ def recover_distill(
     """
     require_pair(student, teacher)
     require_positive_int("steps", steps)
-    lr = require_lr(lr)
+    lr = require_number("lr", lr, lambda v: 0 < v < 1, "lie in (0, 1)")
     require_positive_int("batch_tokens", batch_tokens)
     time_limit = require_time_limit(time_limit_s)
     dev = resolve_device(device)
     keep = require_keep(student, keep)
     windows = require_tokens("windows", windows, teacher.config.vocab_size, min_len=2)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-    n, s = windows.shape[0], windows.shape[1] - 1
-    per_batch = min(n, max(1, batch_tokens // s))
-    warmup = max(5, steps // 10)
+    require_number("alpha", alpha, lambda a: 0 <= a <= 1, "lie in [0, 1]")
+    require_number("temperature", temperature, lambda t: t > 0, "be positive")
+    s = windows.shape[1] - 1
+    per_batch = min(len(windows), max(1, batch_tokens // s))  # windows per batch
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    generator = torch.Generator().manual_seed(seed)
-    saved = [(p, p.requires_grad) for p in student.parameters()]
-    kept_ids = {id(p) for layer in student.layers for name, p in layer.self_attn.named_parameters() if name in keep}
-    params = [
-        p for layer in student.layers for p in layer.self_attn.parameters() if id(p) not in kept_ids
-    ]  # the attention layers' parameters, less the kept ones
+    params = [p for layer in student.layers for p in trainable(layer.self_attn, keep)]  # attention, less ``keep``
     teacher.eval()
     student.eval()  # no dropout anywhere; eval mode only says so
-    losses: list[float] = []
-    try:
-        for p in student.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with MovedTo(dev, student, teacher):
-            if balance:
-                inputs = student.attention_inputs(windows[: max(1, 2048 // s), :-1].to(dev))  # (b, s, D) per layer
-                for layer, x in zip(student.layers, inputs, strict=True):
-                    if not touches_kept(layer.self_attn, keep):
-                        balance_latent(layer.self_attn, x)
-                del inputs
-            optimizer = torch.optim.Adam(params, lr=lr, betas=BETAS)
-            bar = tqdm(range(steps), desc="distill", disable=quiet, leave=False)
-            for step in bar:
-                elapsed = time.perf_counter() - start
-                if time_limit is not None and elapsed >= time_limit:
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, steps, elapsed, time_limit, lr, warmup)
-                batch = windows[torch.randperm(n, generator=generator)[:per_batch]].to(dev)  # (b, s + 1)
-                inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s) each
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs)  # (b, s, v)
-                loss = distillation_loss(student(inputs), teacher_logits, targets, alpha=alpha, temperature=temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-                optimizer.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            bar.close()
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-            p.grad = None
+    with training_only(student, params), MovedTo(dev, student, teacher):
+        if balance:
+            _balance_latents(student, windows[: max(1, 2048 // s), :-1].to(dev), keep)
+        batches = _random_batches(windows, per_batch, seed, dev)
+        loss = partial(distillation_loss, alpha=alpha, temperature=temperature)
+        losses = _distill_steps(student, teacher, batches, loss, params, steps, lr, start, time_limit, quiet)
     student.eval()
     tenth = max(1, len(losses) // 10)
     return DistillResult(
@@ -169,6 +133,51 @@ def recover_distill(
         time_limited=len(losses) < steps,
         device=str(dev),
     )
+
+
+@torch.no_grad()
+def _balance_latents(student: TinyLM, inputs: torch.Tensor, keep: tuple[str, ...]) -> None:
+    """``balance_latent`` for every MLA layer of ``student`` on its own inputs from ``inputs`` (b, s) token ids,
+    except the layers where it would change a parameter held fixed."""
+    for layer, x in zip(student.layers, student.attention_inputs(inputs), strict=True):  # x: (b, s, D)
+        if not touches_kept(layer.self_attn, keep):
+            balance_latent(layer.self_attn, x)
+
+
+def _random_batches(windows: torch.Tensor, per_batch: int, seed: int, device: torch.device):
+    """Endless batches of ``per_batch`` windows drawn at random, without repeats within a batch, from ``windows``
+    (n, s + 1); each (b, s + 1) on ``device``.  Seeded on the CPU: the same batches whatever the device."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield windows[torch.randperm(len(windows), generator=generator)[:per_batch]].to(device)
+
+
+def _distill_steps(
+    student, teacher, batches, loss_of, params, steps: int, lr: float, start: float, time_limit, quiet: bool
+) -> list[float]:
+    """Adam on ``loss_of(student logits, teacher logits, targets)`` over ``batches``, for ``steps`` steps or until
+    ``time_limit`` seconds (None: no limit) have passed since ``start``; returns the loss of every step taken."""
+    optimizer = torch.optim.Adam(params, lr=lr, betas=BETAS)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="distill", disable=quiet, leave=False)
+    for step in bar:
+        elapsed = time.perf_counter() - start
+        if time_limit is not None and elapsed >= time_limit:
+            break
+        time_used = elapsed / time_limit if time_limit else 0.0
+        rate = learning_rate(
+            step, steps=steps, lr=lr, warmup=max(5, steps // 10), min_ratio=MIN_LR_RATIO, time_used=time_used
+        )
+        batch = next(batches)  # (b, s + 1)
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s) each
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)  # (b, s, v)
+        loss = loss_of(student(inputs), teacher_logits, targets)
+        take_step(optimizer, loss, params, rate)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    return losses
 
 
 @torch.no_grad()
@@ -211,8 +220,7 @@ def compare_with_teacher(
                 for name, model in models.items():
                     log_probs = F.log_softmax(model(inputs).flatten(0, 1).float(), dim=-1)  # (b·s, v)
                     totals[name][0] += F.nll_loss(log_probs, targets, reduction="sum").item()
-                    # KL(p_t ‖ p_m) = Σ_v p_t (log p_t − log p_m), summed over tokens
-                    totals[name][1] += F.kl_div(log_probs, reference, log_target=True, reduction="sum").item()
+                    totals[name][1] += kl_from_log_probs(reference, log_probs).sum().item()  # Σ KL(p_t ‖ p_m)
     finally:
         teacher.train(teacher_mode)
         for name, m in models.items():

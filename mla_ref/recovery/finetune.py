@@ -25,8 +25,8 @@ attention layers alone at batch 16, about 1.06× with all parameters, batch 4 an
 KL(teacher ‖ student) per predicted byte — what distillation pulls down.
 
 On a real model a step of ``recover`` (the whole model forward and backward, a large vocabulary's head, the teacher)
-is expensive; ``mla_ref.recovery.layerwise`` trains each attention layer on its own against its source layer instead, and
-``mla_ref.recovery.distill`` runs this loss with a device, a time limit and parameters held fixed.
+is expensive; ``mla_ref.recovery.layerwise`` trains each attention layer on its own against its source layer
+instead, and ``mla_ref.recovery.distill`` runs this loss with a device, a time limit and parameters held fixed.
 ``python -m mla_ref recover`` (``mla_ref.pipelines.recover``) runs them on a checkpoint directory.
 """
 
@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from mla_ref._checks import require_choice, require_positive_int
+from mla_ref._checks import require_choice, require_number, require_positive_int, require_tokens
 from mla_ref.data import Corpus
+from mla_ref.measures import kl_per_position
 from mla_ref.model import TinyLM
+from mla_ref.recovery.steps import training_only
 from mla_ref.train import Evaluation, TrainConfig, read_record, train
 
 TRAINABLE: tuple[str, ...] = ("all", "attention")
@@ -81,8 +83,7 @@ def budget_steps(fraction: float, pretraining: int, *, batch_size: int, seq_len:
 
     steps = ⌊fraction · pretraining / (batch_size · seq_len)⌋; a budget smaller than one step raises ValueError.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    require_number("fraction", fraction, lambda f: 0 < f <= 1, "lie in (0, 1]")
     require_positive_int("pretraining", pretraining)
     per_step = require_positive_int("batch_size", batch_size) * require_positive_int("seq_len", seq_len)
     steps = math.floor(fraction * pretraining / per_step)
@@ -130,15 +131,6 @@ def recovery_config(
     )
 
 
-def _freeze_all_but_attention(model: TinyLM) -> list[tuple[torch.nn.Parameter, bool]]:
-    """Turn off gradients outside the attention layers; returns what to restore."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    attention = {id(p) for layer in model.layers for p in layer.self_attn.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in attention)
-    return saved
-
-
 def recover(
     student: TinyLM,
     corpus: Corpus,
@@ -181,8 +173,7 @@ def recover(
     if max_fraction is not None:
         if pretraining_tokens is None:
             raise ValueError("max_fraction needs pretraining_tokens (the teacher's pre-training budget)")
-        if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
-            raise ValueError(f"max_fraction must lie in (0, 1], got {max_fraction!r}")
+        require_number("max_fraction", max_fraction, lambda f: 0 < f <= 1, "lie in (0, 1]")
         if tokens > max_fraction * pretraining_tokens:
             most = math.floor(max_fraction * pretraining_tokens / (config.batch_size * config.seq_len))
             raise ValueError(
@@ -190,18 +181,12 @@ def recover(
                 f"{pretraining_tokens:,}, more than max_fraction = {max_fraction:.3%}; at batch_size · seq_len = "
                 f"{config.batch_size * config.seq_len:,} that allows at most {most} steps"
             )
-    saved = _freeze_all_but_attention(student) if trainable == "attention" else []
-    try:
+    attention = [p for layer in student.layers for p in layer.self_attn.parameters()]
+    with training_only(student, attention) if trainable == "attention" else nullcontext():
         result = train(student, corpus, config, teacher=teacher, quiet=quiet, log=log)
-    finally:
-        for p, requires_grad in saved:
-            p.requires_grad_(requires_grad)
     first = result.history[0]["val_loss"]  # train() evaluates once before the first step
-    before = Evaluation(
-        loss=first, perplexity=math.exp(first), bits_per_byte=first / math.log(2), tokens=result.final.tokens
-    )
     return RecoveryResult(
-        before=before,
+        before=Evaluation.of_loss(first, tokens=result.final.tokens),
         after=result.final,
         tokens=result.tokens_seen,
         pretraining_tokens=pretraining_tokens,
@@ -218,20 +203,16 @@ def teacher_divergence(
 
     0 when the student predicts exactly as the teacher does.
     """
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must have shape (n, s + 1) with s ≥ 1, got {tuple(windows.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    windows = require_tokens("windows", windows, teacher.config.vocab_size, min_len=2)
+    require_number("temperature", temperature, lambda t: t > 0, "be positive")
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
         inputs = chunk[:, :-1]  # (b, s)
-        student_log_probs = F.log_softmax(student(inputs).flatten(0, 1).float() / temperature, dim=-1)  # (b·s, v)
-        teacher_log_probs = F.log_softmax(teacher(inputs).flatten(0, 1).float() / temperature, dim=-1)  # (b·s, v)
-        # KL(p_t ‖ p_s) = Σ_v p_t (log p_t − log p_s), summed over tokens
-        total += F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum").item()
+        kl = kl_per_position(teacher(inputs), student(inputs), temperature=temperature)  # (b, s)
+        total += kl.sum().item()
         count += inputs.numel()
     student.train(modes[0])
     teacher.train(modes[1])

@@ -1,18 +1,20 @@
-"""What both recoveries of a real model share (``layerwise``, ``distill``).
+"""What the recoveries share (``layerwise`` and ``distill``; ``finetune`` uses ``training_only`` as well).
 
 - checks of their arguments, each a ValueError that names the value and what is allowed;
 - ``MovedTo``: modules on a device for a ``with`` block, and back where they were afterwards;
-- ``learning_rate``: warm-up, then a cosine that decays over the steps or over a time limit, whichever ends first;
+- the constants of their Adam runs (the schedule is ``mla_ref.train.learning_rate``, with a time limit's progress);
 - ``balance_latent``: an MLA layer's latent brought to unit scale, the same function, so that Adam's steps are
-  small relative changes for every matrix.
+  small relative changes for every matrix;
+- ``training_only`` and ``take_step``: the parameters a run trains, and one clipped optimiser step.
 """
 
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 
 import torch
 
+from mla_ref._checks import require_number
 from mla_ref.model import TinyLM
 
 BETAS = (0.9, 0.95)  # a short run: the second moment must follow the gradients of the last few dozen steps
@@ -21,17 +23,10 @@ GRAD_CLIP = 1.0  # E_l and the distillation loss are O(1): a larger gradient nor
 
 
 def require_time_limit(time_limit_s) -> float | None:
+    """``time_limit_s`` as a float of seconds, or None for no limit."""
     if time_limit_s is None:
         return None
-    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or not time_limit_s > 0:
-        raise ValueError(f"time_limit_s must be a positive number of seconds or None, got {time_limit_s!r}")
-    return float(time_limit_s)
-
-
-def require_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        raise ValueError(f"lr must lie in (0, 1), got {lr!r}")
-    return float(lr)
+    return require_number("time_limit_s", time_limit_s, lambda t: t > 0, "be a positive number of seconds or None")
 
 
 def require_pair(student: TinyLM, teacher: TinyLM) -> None:
@@ -83,22 +78,6 @@ class MovedTo:
             module.to(home)
 
 
-def learning_rate(step: int, steps: int, elapsed: float, budget: float | None, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine to a tenth of ``lr``.
-
-    Progress is the larger of the steps done and the time spent (against ``budget`` seconds), so a run that the
-    time limit ends early still ends on its small learning rate instead of being cut off at the peak.
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    if budget is not None and budget > 0:
-        progress = max(progress, elapsed / budget)
-    progress = min(1.0, progress)
-    floor = MIN_LR_RATIO * lr
-    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @torch.no_grad()
 def balance_latent(attention: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
     """Bring each latent coordinate of an MLA layer to unit RMS on ``inputs``, moving its scale into kv_b_proj.
@@ -146,3 +125,30 @@ def touches_kept(attention: torch.nn.Module, keep: tuple[str, ...]) -> bool:
 def trainable(module: torch.nn.Module, keep: tuple[str, ...]) -> list[torch.nn.Parameter]:
     """The parameters of ``module`` not named in ``keep``."""
     return [p for name, p in module.named_parameters() if name not in keep]
+
+
+@contextmanager
+def training_only(module: torch.nn.Module, params: list[torch.nn.Parameter]):
+    """Gradients for ``params`` alone among ``module``'s parameters during the ``with`` block; afterwards every
+    parameter's requires_grad as it was, and no gradient left behind."""
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float) -> None:
+    """One optimiser step down ``loss`` at learning rate ``lr``, the gradients clipped to a global norm of GRAD_CLIP."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
