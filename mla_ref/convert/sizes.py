@@ -10,6 +10,7 @@ the first layer's attention stands for all; the plan is passed down to the conve
 
 from __future__ import annotations
 
+from mla_ref._checks import require_number
 from mla_ref.attention import GroupedQueryAttention
 
 ENGINE_LATENT, ENGINE_ROPE = 512, 64  # DeepSeek-V3's own kv_lora_rank and qk_rope_head_dim, what the engines take
@@ -23,8 +24,7 @@ def even(n: int) -> int:
 
 def budget_elements(source: GroupedQueryAttention, fraction: float) -> int:
     """B = round(fraction · 2 n_kv d_h): the cache elements per token and layer a budget allows."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"budget must be a fraction of the source's cache in (0, 1], got {fraction!r}")
+    fraction = require_number("budget", fraction, lambda f: 0 < f <= 1, "be a fraction of the source's cache in (0, 1]")
     return round(fraction * source.cache_elements_per_token())
 
 

@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 
-from mla_ref._checks import require_choice, require_positive_int
+from mla_ref._checks import require_choice, require_number, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.activations import check_calibration_inputs, input_moment
 from mla_ref.convert.partial_rope import (
@@ -139,12 +139,10 @@ def mha2mla_ranks(
     Large heads with many slow pairs may want less: pass ``rope_share``.
     """
     check_source(source)
-    if isinstance(cache_fraction, bool) or not isinstance(cache_fraction, (int, float)) or not 0 < cache_fraction <= 1:
-        raise ValueError(f"cache_fraction must lie in (0, 1], got {cache_fraction!r}")
-    if isinstance(rope_share, bool) or not isinstance(rope_share, (int, float)) or not 0 <= rope_share < 1:
-        raise ValueError(f"rope_share must lie in [0, 1), got {rope_share!r}")
+    require_number("cache_fraction", cache_fraction, lambda f: 0 < f <= 1, "lie in (0, 1]")
+    require_number("rope_share", rope_share, lambda f: 0 <= f < 1, "lie in [0, 1)")
     n_kv, d_h = source.n_kv_heads, source.head_dim
-    budget = round(cache_fraction * 2 * n_kv * d_h)
+    budget = round(cache_fraction * source.cache_elements_per_token())
     rope_pairs = min(round(rope_share * budget / (2 * n_kv)), d_h // 2)
     if rope_share > 0 and rope_pairs == 0 and 2 * n_kv < budget:
         rope_pairs = 1

@@ -29,18 +29,12 @@ import contextlib
 import ctypes
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import TqdmExperimentalWarning, TqdmWarning
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", (TqdmWarning, TqdmExperimentalWarning))
-    from tqdm.auto import tqdm
 
 from mla_ref.convert.biased import convert_layer
 from mla_ref.convert.model import mla_config
@@ -67,6 +61,7 @@ from mla_ref.pipelines.calibration import CalibrationText, first_windows, folder
 from mla_ref.pipelines.convert_options import ConvertOptions, plan_conversion
 from mla_ref.pipelines.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, check_written_form
 from mla_ref.pipelines.report import ConversionReport, Streams, build_report
+from mla_ref.progress import tqdm
 from mla_ref.records import CONVERSION_RECORD
 
 
