@@ -302,11 +302,11 @@ def test_bad_arguments_are_refused_with_a_reason():
         convert(fold_frequency="median")
     with pytest.raises(ValueError, match="metric must be one of 'norm', 'score'"):
         convert(metric="cosine")
-    with pytest.raises(ValueError, match=r"shape \(b, s, 24\) .* got \(2, 8, 16\)"):
+    with pytest.raises(ValueError, match=r"shape \(b, s, d_model=24\) .* got \(2, 8, 16\)"):
         transmla_convert(source, torch.randn(2, 8, 16), kv_lora_rank=8)
     with pytest.raises(ValueError, match=r"got \(16, 24\)"):
         transmla_convert(source, torch.randn(16, D_MODEL), kv_lora_rank=8)
-    with pytest.raises(ValueError, match="holds no tokens"):
+    with pytest.raises(ValueError, match=r"with b·s ≥ 1, got \(0, 8, 24\)"):
         transmla_convert(source, torch.randn(0, 8, D_MODEL), kv_lora_rank=8)
     with pytest.raises(ValueError, match="must be finite"):
         transmla_convert(source, torch.full((1, 4, D_MODEL), float("nan")), kv_lora_rank=8)

@@ -33,8 +33,9 @@ import copy
 import torch
 from torch import nn
 
+from mla_ref._checks import require_number
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.activations import input_moment
+from mla_ref.convert.activations import check_calibration_inputs, input_moment
 from mla_ref.convert.bkv_pca import bkv_pca_parts
 from mla_ref.convert.parts import assemble_mla, check_source
 from mla_ref.convert.rorope import rorope_parts
@@ -57,12 +58,8 @@ def refit_output_proj(
     """
     if not isinstance(converted, MultiHeadLatentAttention):
         raise ValueError(f"converted must be a MultiHeadLatentAttention, got {type(converted).__name__}")
-    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge > 0:
-        raise ValueError(f"ridge must be a positive number, got {ridge!r}")
-    if calibration_inputs.ndim != 3 or calibration_inputs.shape[-1] != converted.d_model:
-        raise ValueError(
-            f"calibration_inputs must have shape (b, s, {converted.d_model}), got {tuple(calibration_inputs.shape)}"
-        )
+    require_number("ridge", ridge, lambda r: r > 0, "be a positive number")
+    check_calibration_inputs(calibration_inputs, converted.d_model)
     refit, _ = _refit(copy.deepcopy(converted), calibration_inputs, source(calibration_inputs), ridge)
     return refit
 
