@@ -16,13 +16,18 @@ burst of load on a shared machine hits them alike (each figure the median of ``-
 - ``GQA``: 16 query heads sharing ``--gqa-kv-heads`` KV heads of (d_c + d_R) / (2 · n_kv) = 144, so that its
   cache holds exactly MLA's d_c + d_R = 576 elements per token;
 - ``copy`` and ``matmul``: a plain copy of ``--copy-mib`` MiB and an n × n fp32 product (``--matmul-n``), the
-  two rates of the roofline, measured in the same loop as the steps.
+  two rates of the roofline, measured in the same loop as the steps;
+- ``attention``: the absorbed step's attention alone (``mla_decode`` over the same rows, the step's backend), to
+  split the step's time between the attention and everything else (projections, RoPE, the cache append).
 
 The roofline (``mla_ref.profile.decode_step_cost``): a step must read its weights and cache (bytes) and run its
 matrix products (FLOPs: each weight element once, then per cached row and head a score over d_c + d_R and a
 value over d_c), so it takes at least max(bytes / copy rate, FLOPs / matmul rate).  "x floor" is the absorbed
-step's time over that floor.  The naive and stock variants rebuild n_h · (d_N + d_v) elements per cached token
-every step, so they run only where batch · context ≤ ``--slow-max-tokens`` (the others print "-").
+step's time over that floor.  "attn" is the time of the attention alone and the rate its two products reach
+(``attention_flops`` = 2 · b · n_h · T · (2 d_c + d_R) over that time): with 16 heads each product is only 16
+rows tall, so compare that rate with the square product's.  The naive and stock variants rebuild
+n_h · (d_N + d_v) elements per cached token every step, so they run only where batch · context ≤
+``--slow-max-tokens`` (the others print "-").
 
 Before timing, one step of each MLA variant on the same input must agree with the absorbed one (fp32: within
 1e-4 of the output's largest magnitude), so all of them compute the same attention.
@@ -38,6 +43,7 @@ import time
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.kernels import mla_decode
 from mla_ref.mla import MLA
 from mla_ref.profile import decode_step_cost
 
@@ -135,11 +141,11 @@ def time_one_case(modules: dict, batch: int, context: int, args, dtype) -> dict[
     rope_key = torch.randn(batch, context, mla.qk_rope_head_dim, generator=g).to(device, dtype)
     x = torch.randn(batch, 1, mla.d_model, generator=g).to(device, dtype)
 
-    variants = {}
+    variants, caches = {}, {}
     for path in ("absorbed", "naive") if slow else ("absorbed",):
-        cache = mla.new_cache(capacity=context + steps)
-        cache.append(latent, rope_key)
-        variants[path] = lambda cache=cache, path=path: mla(x, cache, path=path)
+        caches[path] = mla.new_cache(capacity=context + steps)
+        caches[path].append(latent, rope_key)
+        variants[path] = lambda path=path: mla(x, caches[path], path=path)
     if slow and stock is not None:
         from transformers import DynamicCache
 
@@ -169,7 +175,15 @@ def time_one_case(modules: dict, batch: int, context: int, args, dtype) -> dict[
     source = torch.full((copy_bytes,), 7, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     a, b = (torch.randn(args.matmul_n, args.matmul_n, generator=g).to(device) for _ in range(2))
-    probes = {"copy": lambda: target.copy_(source), "matmul": lambda: a @ b}
+    rows = caches["absorbed"].latent_and_rope_key  # (b, T, d_c + d_R): the absorbed step's own rows
+    q = torch.randn(batch, mla.n_heads, rows.shape[-1], generator=g).to(device, dtype)  # (b, h, d_c + d_R)
+    lengths = torch.full((batch,), rows.shape[1], dtype=torch.int32, device=device)
+    decode = dict(kv_lora_rank=mla.kv_lora_rank, softmax_scale=mla.softmax_scale)  # the step's own backend
+    probes = {
+        "attention": lambda: mla_decode(q, rows, lengths, **decode),
+        "copy": lambda: target.copy_(source),
+        "matmul": lambda: a @ b,
+    }
     ms = interleaved_median_ms({**variants, **probes}, device, args.warmup, args.repeats)
     ms["copy_rate"] = 2 * copy_bytes / (ms["copy"] / 1e3)  # bytes read + written per second, as STREAM counts
     ms["matmul_rate"] = 2 * args.matmul_n**3 / (ms["matmul"] / 1e3)  # FLOP/s
@@ -215,12 +229,12 @@ def main(argv=None) -> int:
     print(f"naive and stock run where batch · context <= {args.slow_max_tokens:,}; ratios are time / absorbed time")
     header = (
         f"{'batch':>5} {'context':>7} | {'absorbed':>8} {'floor':>6} {'x floor':>7} {'bound':>5} | "
-        f"{'copy':>6} {'matmul':>7} {'MB':>6} {'GFLOP':>6} | {'GQA':>6} {'naive':>8} {'stock':>8} | "
-        f"{'GQA/':>5} {'naive/':>6} {'stock/':>6}"
+        f"{'copy':>6} {'matmul':>7} {'MB':>6} {'GFLOP':>6} | {'attn':>6} {'attn':>7} | "
+        f"{'GQA':>6} {'naive':>8} {'stock':>8} | {'GQA/':>5} {'naive/':>6} {'stock/':>6}"
     )
     units = (
         f"{'':>5} {'':>7} | {'ms':>8} {'ms':>6} {'':>7} {'':>5} | {'GB/s':>6} {'GFLOP/s':>7} {'':>6} {'':>6} | "
-        f"{'ms':>6} {'ms':>8} {'ms':>8} | {'abs':>5} {'abs':>6} {'abs':>6}"
+        f"{'ms':>6} {'GFLOP/s':>7} | {'ms':>6} {'ms':>8} {'ms':>8} | {'abs':>5} {'abs':>6} {'abs':>6}"
     )
     print(header)
     print(units)
@@ -239,6 +253,7 @@ def main(argv=None) -> int:
                     f"{batch:>5} {context:>7} | {absorbed:>8.2f} {floor_ms:>6.2f} {absorbed / floor_ms:>7.2f} "
                     f"{'bytes' if bytes_s >= flops_s else 'FLOPs':>5} | {ms['copy_rate'] / 1e9:>6.1f} "
                     f"{ms['matmul_rate'] / 1e9:>7.1f} {cost.bytes / 1e6:>6.1f} {cost.flops / 1e9:>6.2f} | "
+                    f"{ms['attention']:>6.2f} {cost.attention_flops / ms['attention'] / 1e6:>7.1f} | "
                     f"{ms['gqa']:>6.2f} {slow['naive']} {slow['stock']} | {ms['gqa'] / absorbed:>5.2f} "
                     f"{ratios['naive']} {ratios['stock']}",
                     flush=True,

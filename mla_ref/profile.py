@@ -459,18 +459,26 @@ def matmul_rate(
 class DecodeStepCost:
     """The least one decode step must do: the bytes it must read and the arithmetic it must run.
 
-    ``weight_bytes``: every parameter once; ``cache_bytes``: every cached row once; ``flops``: 2 per
-    multiply-add of the step's matrix products (the softmax, norms and RoPE are O(n_h · T) and left out).
+    ``weight_bytes``: every parameter once; ``cache_bytes``: every cached row once.  FLOPs count 2 per
+    multiply-add of the step's matrix products: ``projection_flops`` those of the weight matrices (each element
+    once per new token), ``attention_flops`` those that grow with the context (scores and values, and on MLA's
+    naive path the up-projection of the cache).  The softmax, norms and RoPE are O(n_h · T) and left out.
     """
 
     weight_bytes: int
     cache_bytes: int
-    flops: int
+    projection_flops: int
+    attention_flops: int
 
     @property
     def bytes(self) -> int:
         """Bytes the step must read: weights + cache."""
         return self.weight_bytes + self.cache_bytes
+
+    @property
+    def flops(self) -> int:
+        """FLOPs the step must run: projections + attention."""
+        return self.projection_flops + self.attention_flops
 
     def floor_seconds(self, copy_rate: float, matmul_rate: float) -> float:
         """The roofline: the step cannot beat reading its bytes at ``copy_rate`` (bytes/s, as ``copy_bandwidth``
@@ -525,5 +533,5 @@ def decode_step_cost(
             attention_macs = (tokens - 1) * module.kv_b_proj.weight.numel() + n_h * tokens * ((d_n + d_r) + d_v)
     else:
         attention_macs = n_h * tokens * 2 * module.head_dim
-    # FLOPs = 2 · b · (P + attention multiply-adds)
-    return DecodeStepCost(weight_bytes, cache_bytes, 2 * batch * (matrix_macs + attention_macs))
+    # FLOPs = 2 · b · P  +  2 · b · (attention multiply-adds)
+    return DecodeStepCost(weight_bytes, cache_bytes, 2 * batch * matrix_macs, 2 * batch * attention_macs)

@@ -358,7 +358,9 @@ def test_decode_step_cost_of_deepseek_v3_attention_by_hand():
     assert cost.weight_bytes == 4 * (6_291_456 + 1_179_648 + 512 + 2_097_152 + 4_194_304) == 55_052_288
     assert cost.cache_bytes == 4 * 8192 * 576 == 18_874_368
     # FLOPs: 2 · (13,762,560 matrix elements + 16 heads · 8192 rows · (576 + 512))
-    assert cost.flops == 2 * (13_762_560 + 16 * 8192 * 1088) == 312_737_792
+    assert cost.projection_flops == 2 * 13_762_560
+    assert cost.attention_flops == 2 * 16 * 8192 * 1088
+    assert cost.flops == 312_737_792
     # at 24.5 GB/s and 89 GFLOP/s the arithmetic is the floor: 312.7 MFLOP / 89 GFLOP/s = 3.51 ms
     assert cost.floor_seconds(24.5e9, 89e9) == pytest.approx(312_737_792 / 89e9)
     assert cost.floor_seconds(24.5e9, 89e9) == pytest.approx(3.514e-3, rel=1e-3)
@@ -368,12 +370,13 @@ def test_decode_step_cost_of_deepseek_v3_attention_by_hand():
     # the naive path up-projects the other 8191 latents: (8192 − 1) · 512 · 4096 multiply-adds more, about 33x
     naive = decode_step_cost(module, 1, 8192, "fp32", path="naive")
     assert naive.bytes == cost.bytes
-    assert naive.flops == 2 * (13_762_560 + 8191 * 2_097_152 + 16 * 8192 * (192 + 128))
+    assert naive.projection_flops == cost.projection_flops
+    assert naive.attention_flops == 2 * (8191 * 2_097_152 + 16 * 8192 * (192 + 128))
 
 
 def test_floor_seconds_is_the_larger_of_the_two_times():
-    cost = DecodeStepCost(weight_bytes=600, cache_bytes=400, flops=3000)
-    assert cost.bytes == 1000
+    cost = DecodeStepCost(weight_bytes=600, cache_bytes=400, projection_flops=1000, attention_flops=2000)
+    assert cost.bytes == 1000 and cost.flops == 3000
     assert cost.floor_seconds(copy_rate=100.0, matmul_rate=1000.0) == 10.0  # 1000 B at 100 B/s > 3000 at 1000/s
     assert cost.floor_seconds(copy_rate=1000.0, matmul_rate=100.0) == 30.0  # 3000 FLOP at 100/s > 1000 at 1000/s
     for bad in (0, -1.0, float("inf"), float("nan"), True):
