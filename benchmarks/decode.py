@@ -1,6 +1,6 @@
 """One decode step of absorbed MLA against its roofline, next to naive MLA, GQA of equal cache and stock DeepSeek-V3.
 
-    python benchmarks/decode.py                       # CPU, one thread, DeepSeek-V3's head dims, 1K/8K/32K, batch 1 and 8
+    python benchmarks/decode.py                       # CPU, one thread: 1K, 8K, 32K tokens, batch 1 and 8
     python benchmarks/decode.py --device cuda --dtype bf16 --threads 0
 
 The attention is DeepSeek-V3's, one layer: d_model 2048, 16 heads, d_c 512, d_R 64, d_N = d_v = 128 (no query
@@ -15,8 +15,8 @@ burst of load on a shared machine hits them alike (each figure the median of ``-
   (SDPA, a ``DynamicCache`` holding the same rows); skipped when transformers is not installed;
 - ``GQA``: 16 query heads sharing ``--gqa-kv-heads`` KV heads of (d_c + d_R) / (2 · n_kv) = 144, so that its
   cache holds exactly MLA's d_c + d_R = 576 elements per token;
-- ``copy`` and ``matmul``: a plain copy of ``--copy-mib`` MiB and an n × n fp32 product (``--matmul-n``), the
-  two rates of the roofline, measured in the same loop as the steps;
+- ``copy`` and ``matmul``: a plain copy of ``--copy-mib`` MiB and an n × n product in the step's dtype
+  (``--matmul-n``), the two rates of the roofline, measured in the same loop as the steps;
 - ``attention``: the absorbed step's attention alone (``mla_decode`` over the same rows, the step's backend), to
   split the step's time between the attention and everything else (projections, RoPE, the cache append).
 
@@ -99,7 +99,10 @@ def interleaved_median_ms(steps: dict, device: str, warmup: int, repeats: int) -
 
 
 def stock_attention(mla: MLA, device: str, dtype: torch.dtype):
-    """transformers' DeepseekV3Attention and its rotary embedding, holding ``mla``'s weights; None without transformers."""
+    """transformers' DeepseekV3Attention, its rotary embedding and config, holding ``mla``'s weights.
+
+    None when transformers is not installed.
+    """
     if importlib.util.find_spec("transformers") is None:
         return None
     from transformers import DeepseekV3Config
@@ -174,7 +177,7 @@ def time_one_case(modules: dict, batch: int, context: int, args, dtype) -> dict[
     copy_bytes = args.copy_mib << 20
     source = torch.full((copy_bytes,), 7, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    a, b = (torch.randn(args.matmul_n, args.matmul_n, generator=g).to(device) for _ in range(2))
+    a, b = (torch.randn(args.matmul_n, args.matmul_n, generator=g).to(device, dtype) for _ in range(2))
     rows = caches["absorbed"].latent_and_rope_key  # (b, T, d_c + d_R): the absorbed step's own rows
     q = torch.randn(batch, mla.n_heads, rows.shape[-1], generator=g).to(device, dtype)  # (b, h, d_c + d_R)
     lengths = torch.full((batch,), rows.shape[1], dtype=torch.int32, device=device)
