@@ -1,48 +1,76 @@
-"""Decode-step time of GQA, MLA-naive and MLA-absorbed at equal model width, side by side.
+"""One decode step of absorbed MLA against its roofline, next to naive MLA, GQA of equal cache and stock DeepSeek-V3.
 
-    python benchmarks/decode.py                      # CPU, contexts 512 … 16K, batch 1 and 8
-    python benchmarks/decode.py --device cuda --dtype bf16
+    python benchmarks/decode.py                       # CPU, one thread: 1K, 8K, 32K tokens, batch 1 and 8
+    python benchmarks/decode.py --device cuda --dtype bf16 --threads 0
 
-For each context length the three variants are timed in the same loop, so the
-printed ratios compare like with like on a shared, noisy machine.  Caches are
-filled with random rows (the step's cost does not depend on their values) and
-preallocated, so no step pays for a buffer growing.  Each figure is the median of
-``--repeats`` steps after ``--warmup`` steps.
+The attention is DeepSeek-V3's, one layer: d_model 2048, 16 heads, d_c 512, d_R 64, d_N = d_v = 128 (no query
+bottleneck).  Each decode step appends one token to a cache of ``context`` random rows (preallocated, so no step
+pays for a buffer growing) and attends over all of them.  Variants, timed in turn within every repeat so that a
+burst of load on a shared machine hits them alike (each figure the median of ``--repeats`` steps after
+``--warmup``):
 
-Columns: ms per decode step; cache MB read per step (b · t · elements/token · bytes;
-naive MLA reads the same latent rows as absorbed but also writes and reads the
-up-projected per-head K/V, shown as "naive extra MB"); ratios naive/absorbed and
-absorbed/GQA (time).
+- ``absorbed``: ``MLA(..., path="absorbed")``, attention over the latent rows themselves;
+- ``naive``: the same module and weights, ``path="naive"``: every cached latent up-projected every step;
+- ``stock``: transformers' ``DeepseekV3Attention`` loaded with the same weights, as a user would run it
+  (SDPA, a ``DynamicCache`` holding the same rows); skipped when transformers is not installed;
+- ``GQA``: 16 query heads sharing ``--gqa-kv-heads`` KV heads of (d_c + d_R) / (2 · n_kv) = 144, so that its
+  cache holds exactly MLA's d_c + d_R = 576 elements per token;
+- ``copy`` and ``matmul``: a plain copy of ``--copy-mib`` MiB and an n × n product in the step's dtype
+  (``--matmul-n``), the two rates of the roofline, measured in the same loop as the steps;
+- ``attention``: the absorbed step's attention alone (``mla_decode`` over the same rows, the step's backend), to
+  split the step's time between the attention and everything else (projections, RoPE, the cache append).
+
+The roofline (``mla_ref.profile.decode_step_cost``): a step must read its weights and cache (bytes) and run its
+matrix products (FLOPs: each weight element once, then per cached row and head a score over d_c + d_R and a
+value over d_c), so it takes at least max(bytes / copy rate, FLOPs / matmul rate).  "x floor" is the absorbed
+step's time over that floor.  "attn" is the time of the attention alone and the rate its two products reach
+(``attention_flops`` = 2 · b · n_h · T · (2 d_c + d_R) over that time): with 16 heads each product is only 16
+rows tall, so compare that rate with the square product's.  The naive and stock variants rebuild
+n_h · (d_N + d_v) elements per cached token every step, so they run only where batch · context ≤
+``--slow-max-tokens`` (the others print "-").
+
+Before timing, one step of each MLA variant on the same input must agree with the absorbed one (fp32: within
+1e-4 of the output's largest magnitude), so all of them compute the same attention.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
+from mla_ref.kernels import mla_decode
 from mla_ref.mla import MLA
+from mla_ref.profile import decode_step_cost
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |y|, against absorbed
+SLOW = ("naive", "stock")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--contexts", default="512,2048,8192,16384", help="comma-separated cached token counts")
+    p.add_argument("--contexts", default="1024,8192,32768", help="comma-separated cached token counts")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--d-model", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2, help="GQA's KV heads (head_dim = d_model / heads)")
-    p.add_argument("--kv-lora-rank", type=int, default=256, help="MLA's d_c")
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-lora-rank", type=int, default=512, help="MLA's d_c")
     p.add_argument("--rope-dim", type=int, default=64, help="MLA's d_R")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--nope-dim", type=int, default=128, help="MLA's d_N")
+    p.add_argument("--v-dim", type=int, default=128, help="MLA's d_v")
+    p.add_argument("--gqa-kv-heads", type=int, default=2, help="GQA's n_kv; its head size makes its cache MLA's")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 keeps torch's choice (default: 1)")
+    p.add_argument("--slow-max-tokens", type=int, default=65536, help="run naive and stock where b·T ≤ this")
+    p.add_argument("--copy-mib", type=int, default=64, help="size of the copy that measures the copy rate")
+    p.add_argument("--matmul-n", type=int, default=1024, help="n of the n × n product that measures the matmul rate")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5)
     return p.parse_args(argv)
 
 
@@ -70,31 +98,99 @@ def interleaved_median_ms(steps: dict, device: str, warmup: int, repeats: int) -
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def time_one_case(gqa, mla, batch: int, context: int, args, dtype) -> dict[str, float]:
-    """Fill caches of ``context`` random tokens and time one decode step of each variant."""
-    device, steps = args.device, args.warmup + args.repeats
+def stock_attention(mla: MLA, device: str, dtype: torch.dtype):
+    """transformers' DeepseekV3Attention, its rotary embedding and config, holding ``mla``'s weights.
+
+    None when transformers is not installed.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    config = DeepseekV3Config(
+        hidden_size=mla.d_model,
+        num_attention_heads=mla.n_heads,
+        num_key_value_heads=mla.n_heads,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_nope_head_dim=mla.qk_nope_head_dim,
+        qk_rope_head_dim=mla.qk_rope_head_dim,
+        v_head_dim=mla.v_head_dim,
+        rope_interleave=mla.rope_layout == "interleaved",
+        rope_parameters={"rope_type": "default", "rope_theta": mla.rope_theta},
+        attention_bias=False,
+        num_hidden_layers=1,
+        max_position_embeddings=1 << 20,
+    )
+    config._attn_implementation = "sdpa"  # what from_pretrained picks on this hardware
+    attention = DeepseekV3Attention(config, layer_idx=0)
+    attention.load_state_dict(mla.state_dict(), strict=True)
+    return attention.to(device, dtype).eval(), DeepseekV3RotaryEmbedding(config).to(device), config
+
+
+def stock_rows(rope_key: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """mla_ref's roped key in stock's order: stock turns interleaved pairs, then stores the evens before the odds."""
+    return torch.cat([rope_key[..., 0::2], rope_key[..., 1::2]], dim=-1) if interleaved else rope_key
+
+
+def time_one_case(modules: dict, batch: int, context: int, args, dtype) -> dict[str, float]:
+    """Fill caches of ``context`` random tokens, check the MLA variants agree, and time one decode step of each."""
+    device, steps = args.device, args.warmup + args.repeats + 1
+    mla, gqa, stock = modules["mla"], modules["gqa"], modules["stock"]
+    slow = batch * context <= args.slow_max_tokens
     g = torch.Generator(device="cpu").manual_seed(context)
+    latent = torch.randn(batch, context, mla.kv_lora_rank, generator=g).to(device, dtype)
+    rope_key = torch.randn(batch, context, mla.qk_rope_head_dim, generator=g).to(device, dtype)
+    x = torch.randn(batch, 1, mla.d_model, generator=g).to(device, dtype)
+
+    variants, caches = {}, {}
+    for path in ("absorbed", "naive") if slow else ("absorbed",):
+        caches[path] = mla.new_cache(capacity=context + steps)
+        caches[path].append(latent, rope_key)
+        variants[path] = lambda path=path: mla(x, caches[path], path=path)
+    if slow and stock is not None:
+        from transformers import DynamicCache
+
+        attention, rotary, config = stock
+        stock_cache = DynamicCache(config=config)
+        interleaved = mla.rope_layout == "interleaved"
+        stock_cache.update(latent[:, None], stock_rows(rope_key, interleaved)[:, None], 0)
+
+        def stock_step():
+            position = torch.full((batch, 1), stock_cache.get_seq_length(), device=device)
+            return attention(x, rotary(x, position), None, cache=stock_cache)[0]
+
+        variants["stock"] = stock_step
     gqa_cache = gqa.new_cache(capacity=context + steps)
     kv_shape = (batch, gqa.n_kv_heads, context, gqa.head_dim)
     gqa_cache.append(*(torch.randn(kv_shape, generator=g).to(device, dtype) for _ in range(2)))
-    latent_caches = {}
-    for path in ("naive", "absorbed"):
-        latent_caches[path] = mla.new_cache(capacity=context + steps)
-        latent_caches[path].append(
-            torch.randn(batch, context, mla.kv_lora_rank, generator=g).to(device, dtype),
-            torch.randn(batch, context, mla.qk_rope_head_dim, generator=g).to(device, dtype),
-        )
-    x = torch.randn(batch, 1, mla.d_model, generator=g).to(device, dtype)
-    return interleaved_median_ms(
-        {
-            "gqa": lambda: gqa(x, gqa_cache),
-            "naive": lambda: mla(x, latent_caches["naive"], path="naive"),
-            "absorbed": lambda: mla(x, latent_caches["absorbed"], path="absorbed"),
-        },
-        device,
-        args.warmup,
-        args.repeats,
-    )
+    variants["gqa"] = lambda: gqa(x, gqa_cache)
+
+    # one step of every MLA variant on the same rows and input: the same attention, so the same output
+    outputs = {name: variants[name]().float() for name in ("absorbed", *SLOW) if name in variants}
+    scale = outputs["absorbed"].abs().max().item()
+    for name, out in outputs.items():
+        error = (out - outputs["absorbed"]).abs().max().item() / scale
+        assert error <= AGREEMENT[dtype], f"{name} differs from absorbed by {error:.1e} · max|y|"
+
+    copy_bytes = args.copy_mib << 20
+    source = torch.full((copy_bytes,), 7, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    a, b = (torch.randn(args.matmul_n, args.matmul_n, generator=g).to(device, dtype) for _ in range(2))
+    rows = caches["absorbed"].latent_and_rope_key  # (b, T, d_c + d_R): the absorbed step's own rows
+    q = torch.randn(batch, mla.n_heads, rows.shape[-1], generator=g).to(device, dtype)  # (b, h, d_c + d_R)
+    lengths = torch.full((batch,), rows.shape[1], dtype=torch.int32, device=device)
+    decode = dict(kv_lora_rank=mla.kv_lora_rank, softmax_scale=mla.softmax_scale)  # the step's own backend
+    probes = {
+        "attention": lambda: mla_decode(q, rows, lengths, **decode),
+        "copy": lambda: target.copy_(source),
+        "matmul": lambda: a @ b,
+    }
+    ms = interleaved_median_ms({**variants, **probes}, device, args.warmup, args.repeats)
+    ms["copy_rate"] = 2 * copy_bytes / (ms["copy"] / 1e3)  # bytes read + written per second, as STREAM counts
+    ms["matmul_rate"] = 2 * args.matmul_n**3 / (ms["matmul"] / 1e3)  # FLOP/s
+    return ms
 
 
 def main(argv=None) -> int:
@@ -102,45 +198,68 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: run without --device cuda to benchmark on the CPU")
         return 0
-    if args.threads is not None:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     dtype, device = DTYPES[args.dtype], args.device
-    head_dim = args.d_model // args.heads
-    gqa = GroupedQueryAttention(args.d_model, args.heads, args.kv_heads, head_dim).to(device, dtype)
+    cache_width = args.kv_lora_rank + args.rope_dim
+    if cache_width % (4 * args.gqa_kv_heads) != 0:
+        raise SystemExit(
+            f"d_c + d_R = {cache_width} is not 2 · n_kv · (an even head size) for n_kv {args.gqa_kv_heads}"
+        )
+    gqa_head_dim = cache_width // (2 * args.gqa_kv_heads)
+    torch.manual_seed(0)
     mla = MLA(
         args.d_model,
         args.heads,
         kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=head_dim,
+        qk_nope_head_dim=args.nope_dim,
         qk_rope_head_dim=args.rope_dim,
-        v_head_dim=head_dim,
-    ).to(device, dtype)
-    element = torch.tensor([], dtype=dtype).element_size()
-    print(
-        f"device {device}, {args.dtype}, d_model {args.d_model}, {args.heads} heads of {head_dim}; "
-        f"GQA n_kv {args.kv_heads} ({gqa.cache_elements_per_token()} elements/token) vs "
-        f"MLA d_c {args.kv_lora_rank} + d_R {args.rope_dim} ({mla.cache_elements_per_token()} elements/token); "
-        f"torch threads {torch.get_num_threads()}"
+        v_head_dim=args.v_dim,
     )
+    stock = stock_attention(mla, device, dtype)  # from the fp32 weights, then cast like mla
+    mla = mla.to(device, dtype).eval()
+    gqa = GroupedQueryAttention(args.d_model, args.heads, args.gqa_kv_heads, gqa_head_dim).to(device, dtype).eval()
+    modules = {"mla": mla, "gqa": gqa, "stock": stock}
+    weights = decode_step_cost(mla, 1, 1, dtype).weight_bytes
+    print(
+        f"device {device}, {args.dtype}, torch threads {torch.get_num_threads()}; MLA d_model {args.d_model}, "
+        f"{args.heads} heads, d_c {args.kv_lora_rank} + d_R {args.rope_dim}, d_N {args.nope_dim}, d_v {args.v_dim} "
+        f"({weights / 1e6:.1f} MB of weights); GQA {args.heads} heads sharing {args.gqa_kv_heads} KV heads of "
+        f"{gqa_head_dim} ({gqa.cache_elements_per_token()} cache elements/token, MLA {mla.cache_elements_per_token()})"
+    )
+    if stock is None:
+        print("transformers is not installed: the stock DeepseekV3Attention column is skipped")
+    print(f"naive and stock run where batch · context <= {args.slow_max_tokens:,}; ratios are time / absorbed time")
     header = (
-        f"{'batch':>5} {'context':>7} | {'GQA ms':>8} {'naive ms':>9} {'absorbed ms':>11} | "
-        f"{'GQA MB':>7} {'MLA MB':>7} {'naive extra MB':>14} | {'naive/absorbed':>14} {'absorbed/GQA':>12}"
+        f"{'batch':>5} {'context':>7} | {'absorbed':>8} {'floor':>6} {'x floor':>7} {'bound':>5} | "
+        f"{'copy':>6} {'matmul':>7} {'MB':>6} {'GFLOP':>6} | {'attn':>6} {'attn':>7} | "
+        f"{'GQA':>6} {'naive':>8} {'stock':>8} | {'GQA/':>5} {'naive/':>6} {'stock/':>6}"
+    )
+    units = (
+        f"{'':>5} {'':>7} | {'ms':>8} {'ms':>6} {'':>7} {'':>5} | {'GB/s':>6} {'GFLOP/s':>7} {'':>6} {'':>6} | "
+        f"{'ms':>6} {'GFLOP/s':>7} | {'ms':>6} {'ms':>8} {'ms':>8} | {'abs':>5} {'abs':>6} {'abs':>6}"
     )
     print(header)
+    print(units)
     print("-" * len(header))
     with torch.no_grad():
         for batch in map(int, args.batches.split(",")):
             for context in map(int, args.contexts.split(",")):
-                ms = time_one_case(gqa, mla, batch, context, args, dtype)
-                gqa_ms, naive_ms, absorbed_ms = ms["gqa"], ms["naive"], ms["absorbed"]
-                gqa_mb = batch * context * gqa.cache_elements_per_token() * element / 1e6
-                mla_mb = batch * context * mla.cache_elements_per_token() * element / 1e6
-                # naive writes then reads n_h·(d_N + d_v) up-projected elements per cached token
-                naive_extra_mb = 2 * batch * context * args.heads * (2 * head_dim) * element / 1e6
+                ms = time_one_case(modules, batch, context, args, dtype)
+                cost = decode_step_cost(mla, batch, context + 1, dtype)  # the cached rows and the new one
+                bytes_s, flops_s = cost.bytes / ms["copy_rate"], cost.flops / ms["matmul_rate"]
+                floor_ms = cost.floor_seconds(ms["copy_rate"], ms["matmul_rate"]) * 1e3
+                absorbed = ms["absorbed"]
+                slow = {name: f"{ms[name]:>8.1f}" if name in ms else f"{'-':>8}" for name in SLOW}
+                ratios = {name: f"{ms[name] / absorbed:>6.1f}" if name in ms else f"{'-':>6}" for name in SLOW}
                 print(
-                    f"{batch:>5} {context:>7} | {gqa_ms:>8.2f} {naive_ms:>9.2f} {absorbed_ms:>11.2f} | "
-                    f"{gqa_mb:>7.1f} {mla_mb:>7.1f} {naive_extra_mb:>14.1f} | "
-                    f"{naive_ms / absorbed_ms:>14.2f} {absorbed_ms / gqa_ms:>12.2f}"
+                    f"{batch:>5} {context:>7} | {absorbed:>8.2f} {floor_ms:>6.2f} {absorbed / floor_ms:>7.2f} "
+                    f"{'bytes' if bytes_s >= flops_s else 'FLOPs':>5} | {ms['copy_rate'] / 1e9:>6.1f} "
+                    f"{ms['matmul_rate'] / 1e9:>7.1f} {cost.bytes / 1e6:>6.1f} {cost.flops / 1e9:>6.2f} | "
+                    f"{ms['attention']:>6.2f} {cost.attention_flops / ms['attention'] / 1e6:>7.1f} | "
+                    f"{ms['gqa']:>6.2f} {slow['naive']} {slow['stock']} | {ms['gqa'] / absorbed:>5.2f} "
+                    f"{ratios['naive']} {ratios['stock']}",
+                    flush=True,
                 )
     return 0
 

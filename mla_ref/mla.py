@@ -268,9 +268,15 @@ class MultiHeadLatentAttention(nn.Module):
         return grouped_attention(q, k, v, scale=self.softmax_scale, q_offset=offset)
 
     def _attend_absorbed(self, q_nope, q_rope, rows, offset, backend: Backend) -> torch.Tensor:
-        """Attend over the latent rows directly (MQA with one K and one V head)."""
+        """Attend over the latent rows directly (MQA with one K and one V head).
+
+        Letters as in DeepSeek's code: b sequence, h head, s new token, t cached token, d per-head size
+        (d_N, then d_v), c latent column.  W_UK and W_UV are views of ``kv_b_proj.weight``
+        (``key_up_proj`` / ``value_up_proj``): nothing is prepared ahead, so nothing can go stale when the
+        weights change, and the rows are read as the cache stores them.
+        """
         d_c = self.kv_lora_rank
-        # q_i^latent = q_i^N W_UK^i   (n_h small matmuls, once per new token)
+        # q^latent[b,h,s,c] = Σ_d q^N[b,h,s,d] · W_UK[h,d,c]   (n_h small matmuls, once per new token)
         q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, self.key_up_proj())  # (b, h, s, d_c)
         q_absorbed = torch.cat([q_latent, q_rope], dim=-1)  # (b, h, s, d_c + d_R)
         if q_absorbed.shape[2] == 1:  # a decode step: mla_decode runs it on the backend asked for
@@ -286,7 +292,7 @@ class MultiHeadLatentAttention(nn.Module):
             out_latent = grouped_attention(
                 q_absorbed, keys, values, scale=self.softmax_scale, q_offset=offset
             )  # (b, h, s, d_c)
-        # o_i = (Σ_t p_t c_t) W_UV^i
+        # o[b,h,s,d] = Σ_c ō^latent[b,h,s,c] · W_UV[h,d,c]   i.e. o_i = (Σ_t p_t c_t) W_UV^i
         return torch.einsum("bhsc,hdc->bhsd", out_latent, self.value_up_proj())  # (b, h, s, d_v)
 
 

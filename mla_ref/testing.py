@@ -6,7 +6,11 @@ holds, so a lesson's output reads as a list of verified claims.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mla_ref.measures import relative_error  # noqa: F401  (the lessons import it from here)
 
@@ -40,3 +44,44 @@ def write_byte_tokenizer(directory) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(Path(directory) / "tokenizer.json"))
+
+
+class _CopyWatch(TorchFunctionMode):
+    """Notes every torch function's result that lives in new memory of at least ``nbytes`` bytes."""
+
+    def __init__(self, watched: torch.Tensor, nbytes: int):
+        super().__init__()
+        self.nbytes = nbytes
+        self.copies: list[str] = []
+        # memory already accounted for: the watched tensor's, then each copy's (kept alive so no address is reused)
+        self.storages = [watched.untyped_storage()]
+        self.known = {watched.untyped_storage().data_ptr()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, tuple | list) else (result,):
+            if not isinstance(tensor, torch.Tensor) or tensor.nbytes < self.nbytes:
+                continue
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.known:  # a view of memory seen before is no new copy
+                self.known.add(storage.data_ptr())
+                self.storages.append(storage)
+                self.copies.append(f"{getattr(func, '__name__', func)} -> {tuple(tensor.shape)}")
+        return result
+
+
+@contextmanager
+def copies_of(tensor: torch.Tensor, *, at_least: float = 0.5) -> Iterator[list[str]]:
+    """Inside the block, list every torch call whose result is new memory of ``at_least`` · ``tensor``'s bytes or more.
+
+    Views share memory and are not listed: a slice, a reshape or an fp32 ``.float()`` of ``tensor`` (or of a
+    copy already listed).  A ``masked_fill``, ``contiguous`` or ``cat`` of it is, once.  Each entry reads
+    "function -> shape".  Tensors as large as the results listed stay alive until the block ends.
+
+        with copies_of(cache.latent_and_rope_key) as copies:
+            mla(x, cache, path="absorbed")
+        assert copies == []
+    """
+    watch = _CopyWatch(tensor, max(1, int(at_least * tensor.nbytes)))
+    with watch:
+        yield watch.copies

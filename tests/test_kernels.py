@@ -35,6 +35,7 @@ if not torch.cuda.is_available():
 
 from mla_ref.attention import grouped_attention  # noqa: E402
 from mla_ref.kernels import gather_pages, mla_decode, mla_decode_reference  # noqa: E402
+from mla_ref.testing import copies_of  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -119,6 +120,56 @@ def test_reference_ragged_batch_equals_each_sequence_alone(heads, d_c, d_r, leng
         # fp32 against fp64 over ≤ 12 terms: 1e-5
         torch.testing.assert_close(lse[b].double(), expected_lse, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[b].double(), expected_out, rtol=1e-5, atol=1e-5)
+
+
+def two_product_reference(q, cache, lengths, *, kv_lora_rank, softmax_scale):
+    """The same attention with the row split in two: q_c · c_t and q_R · k^R_t as separate products, every unused
+    row masked and zeroed.  The one-product reference must give the same numbers up to fp32 rounding."""
+    d_c, d_r = kv_lora_rank, q.shape[-1] - kv_lora_rank
+    q_latent, q_rope = q.float().split([d_c, d_r], dim=-1)
+    latent, rope_key = cache.float().split([d_c, d_r], dim=-1)
+    in_use = torch.arange(cache.shape[1])[None, :] < lengths[:, None]  # (b, t)
+    scores = torch.einsum("bhc,btc->bht", q_latent, latent) + torch.einsum("bhr,btr->bht", q_rope, rope_key)
+    scores = (scores * softmax_scale).masked_fill(~in_use[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    values = latent.masked_fill(~in_use[..., None], 0.0)
+    return torch.einsum("bht,btc->bhc", torch.exp(scores - lse[..., None]), values).to(q.dtype), lse
+
+
+# id: lengths, tokens the buffer holds (rows past each length are NaN)
+ROW_CASES = {
+    "every-row-in-use": ([40, 40, 40], 40),
+    "equal-lengths-in-a-longer-buffer": ([33, 33], 48),
+    "ragged": ([1, 40, 17], 48),
+}
+
+
+@pytest.mark.parametrize("case", ROW_CASES.values(), ids=ROW_CASES.keys())
+def test_one_product_over_the_rows_equals_two_products_over_their_halves(case):
+    lengths, tokens = case
+    q, cache, lengths_t = make_inputs(len(lengths), 4, 24, 8, lengths, torch.float32, tokens=tokens, device="cpu")
+    arguments = dict(kv_lora_rank=24, softmax_scale=softmax_scale(8))
+    out, lse = mla_decode_reference(q, cache, lengths_t, **arguments)
+    expected_out, expected_lse = two_product_reference(q, cache, lengths_t, **arguments)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # fp32, ≤ 48 terms summed in another order (and the scale applied to q, not to the scores): 1e-6
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_copies_the_cache_only_for_a_ragged_batch():
+    """Rows are read where they are stored; only a batch whose sequences leave rows unused pays for a masked copy."""
+    arguments = dict(kv_lora_rank=24, softmax_scale=softmax_scale(8))
+    for lengths, tokens, expected in (
+        ([64, 64], 64, []),  # every row in use
+        ([50, 50], 64, []),  # the rows past the longest sequence are left out by a view
+        ([50, 20], 64, ["masked_fill -> (2, 50, 32)"]),  # rows 20…49 of sequence 1 are NaN: zeroed in a copy
+    ):
+        q, cache, lengths_t = make_inputs(2, 4, 24, 8, lengths, torch.float32, tokens=tokens, device="cpu")
+        with copies_of(cache) as copies:
+            out, _ = mla_decode_reference(q, cache, lengths_t, **arguments)
+        assert copies == expected, lengths
+        assert torch.isfinite(out).all()
 
 
 # ---- the Triton kernel against the reference ---------------------------------------------------------

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mla_ref.mla import MLA, MultiHeadLatentAttention
 from mla_ref.rope import apply_rope, rope_inv_freq
+from mla_ref.testing import copies_of
 
 # fp32, ≤ 40 tokens, small widths: the two paths differ only in summation order (≈1e-6).
 FP32 = dict(atol=2e-5, rtol=2e-5)
@@ -119,6 +120,56 @@ def test_absorbed_path_never_up_projects_the_cache():
     assert calls == []
     m(torch.randn(1, 1, 16), cache, path="naive")
     assert calls == [1]
+
+
+def test_absorbed_decode_step_reads_the_cache_without_copying_it():
+    """The step attends over the cache rows as stored; the naive path, by design, builds per-head K and V."""
+    torch.manual_seed(0)
+    m = MLA(16, 4, kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    cache = m.new_cache(capacity=2050)
+    cache.append(torch.randn(2, 2048, 32), torch.randn(2, 2048, 8))
+    with torch.no_grad():
+        with copies_of(cache.latent_and_rope_key) as copies:
+            m(torch.randn(2, 1, 16), cache, path="absorbed")
+        assert copies == []
+        with copies_of(cache.latent_and_rope_key) as copies:
+            m(torch.randn(2, 1, 16), cache, path="naive")
+        assert copies  # the up-projected keys and values: the copy the absorbed path avoids
+
+
+def _replace_weights(m: MultiHeadLatentAttention, how: str) -> None:
+    new = {name: torch.randn_like(p) for name, p in m.named_parameters()}
+    if how == "load_state_dict":
+        m.load_state_dict(new)
+    elif how == "data.copy_":  # bypasses autograd's version counter: a cache keyed on it would miss this
+        for name, p in m.named_parameters():
+            p.data.copy_(new[name])
+    elif how == "new Parameter":
+        m.kv_b_proj.weight = torch.nn.Parameter(new["kv_b_proj.weight"])
+    else:  # an optimizer step
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(torch.randn(1, 3, 16)).square().sum().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "data.copy_", "new Parameter", "optimizer step"])
+def test_a_weight_update_reaches_the_absorbed_decode_step_at_once(how):
+    """The absorbed matrices are views of kv_b_proj.weight, never a copy prepared earlier, so none can go stale."""
+    torch.manual_seed(0)
+    m = MLA(16, 4, kv_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
+    x = torch.randn(2, 7, 16)
+    cache = m.new_cache()
+    with torch.no_grad():
+        m(x[:, :6], cache, path="absorbed")
+        before = m(x[:, 6:], cache, path="absorbed")  # the absorbed matrices used once with the old weights
+    _replace_weights(m, how)
+    with torch.no_grad():
+        expected = reference_mla(m, x)[:, 6:]  # the new weights, straight from the equations
+        cache = m.new_cache()
+        m(x[:, :6], cache, path="absorbed")
+        after = m(x[:, 6:], cache, path="absorbed")
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected, **FP32)
 
 
 def test_absorbed_matrices_reproduce_scores_and_outputs():

@@ -12,19 +12,23 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from mla_ref import MLA, GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
 from mla_ref.calculator import DTYPES, PRESETS, ModelShape, report
 from mla_ref.profile import (
     MEASURED_BY_CUDA,
     MEASURED_BY_TENSORS,
+    DecodeStepCost,
     achieved_bandwidth,
     calculator_bytes,
     calculator_relative_difference,
     copy_bandwidth,
     decode_bytes_read,
+    decode_step_cost,
     device_memory_budget,
     fill_cache,
+    matmul_rate,
     measure_cache_bytes,
     relative_difference,
     resolve_device,
@@ -311,6 +315,87 @@ def test_copy_bandwidth_is_positive_and_finite_on_cpu():
     assert math.isfinite(bandwidth) and bandwidth > 0
     with pytest.raises(ValueError, match="nbytes must be a positive integer"):
         copy_bandwidth(0)
+
+
+def test_matmul_rate_is_positive_and_finite_on_cpu():
+    rate = matmul_rate(64, "cpu", warmup=1, repeats=3)
+    assert math.isfinite(rate) and rate > 0
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        matmul_rate(0)
+
+
+STEP_MODULES = {  # id: (module, forward kwargs, decode_step_cost path)
+    "GQA": (lambda: GroupedQueryAttention(32, 4, 2, head_dim=6), {}, "absorbed"),
+    "MLA-absorbed-low-rank-query-bias": (
+        lambda: MLA(32, 4, 16, 8, 4, 6, q_lora_rank=12, bias=True),
+        {"path": "absorbed"},
+        "absorbed",
+    ),
+    "MLA-naive": (lambda: MLA(32, 4, 16, 8, 4, 6), {"path": "naive"}, "naive"),
+}
+
+
+@pytest.mark.parametrize("kind", STEP_MODULES.values(), ids=STEP_MODULES.keys())
+def test_decode_step_cost_counts_what_a_step_reads_and_multiplies(kind):
+    """The FLOPs are exactly those of the step's matrix products as torch counts them; the bytes decode_bytes_read's."""
+    make, kwargs, path = kind
+    torch.manual_seed(0)
+    module = make()
+    batch, context = 3, 10
+    cache = fill_cache(module, batch, context, capacity=context + 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(torch.randn(batch, 1, 32), cache, **kwargs)  # attends over context + 1 rows, its own included
+    cost = decode_step_cost(module, batch, context + 1, "fp32", path=path)
+    assert cost.flops == counter.get_total_flops()
+    assert cost.bytes == decode_bytes_read(module, cache)
+
+
+def test_decode_step_cost_of_deepseek_v3_attention_by_hand():
+    with torch.device("meta"):  # counted, never read
+        module = MLA(2048, 16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    cost = decode_step_cost(module, 1, 8192, "fp32")
+    # weights: q_proj 2048·16·192 + kv_a 2048·576 + kv_a_layernorm 512 + kv_b 512·16·256 + o_proj 2048·2048
+    assert cost.weight_bytes == 4 * (6_291_456 + 1_179_648 + 512 + 2_097_152 + 4_194_304) == 55_052_288
+    assert cost.cache_bytes == 4 * 8192 * 576 == 18_874_368
+    # FLOPs: 2 · (13,762,560 matrix elements + 16 heads · 8192 rows · (576 + 512))
+    assert cost.projection_flops == 2 * 13_762_560
+    assert cost.attention_flops == 2 * 16 * 8192 * 1088
+    assert cost.flops == 312_737_792
+    # at 24.5 GB/s and 89 GFLOP/s the arithmetic is the floor: 312.7 MFLOP / 89 GFLOP/s = 3.51 ms
+    assert cost.floor_seconds(24.5e9, 89e9) == pytest.approx(312_737_792 / 89e9)
+    assert cost.floor_seconds(24.5e9, 89e9) == pytest.approx(3.514e-3, rel=1e-3)
+    # and in bf16 the bytes halve, the FLOPs do not
+    half = decode_step_cost(module, 1, 8192, torch.bfloat16)
+    assert half.bytes * 2 == cost.bytes and half.flops == cost.flops
+    # the naive path up-projects the other 8191 latents: (8192 − 1) · 512 · 4096 multiply-adds more, about 33x
+    naive = decode_step_cost(module, 1, 8192, "fp32", path="naive")
+    assert naive.bytes == cost.bytes
+    assert naive.projection_flops == cost.projection_flops
+    assert naive.attention_flops == 2 * (8191 * 2_097_152 + 16 * 8192 * (192 + 128))
+
+
+def test_floor_seconds_is_the_larger_of_the_two_times():
+    cost = DecodeStepCost(weight_bytes=600, cache_bytes=400, projection_flops=1000, attention_flops=2000)
+    assert cost.bytes == 1000 and cost.flops == 3000
+    assert cost.floor_seconds(copy_rate=100.0, matmul_rate=1000.0) == 10.0  # 1000 B at 100 B/s > 3000 at 1000/s
+    assert cost.floor_seconds(copy_rate=1000.0, matmul_rate=100.0) == 30.0  # 3000 FLOP at 100/s > 1000 at 1000/s
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="copy_rate must be a finite positive number"):
+            cost.floor_seconds(bad, 1.0)
+        with pytest.raises(ValueError, match="matmul_rate must be a finite positive number"):
+            cost.floor_seconds(1.0, bad)
+
+
+def test_decode_step_cost_rejects_bad_values():
+    module = MLA(32, 4, 16, 8, 4, 6)
+    with pytest.raises(ValueError, match="path must be one of"):
+        decode_step_cost(module, 1, 8, path="fast")
+    with pytest.raises(ValueError, match="tokens must be a positive integer"):
+        decode_step_cost(module, 1, 0)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        decode_step_cost(module, 0, 8)
+    with pytest.raises(ValueError, match="module must be"):
+        decode_step_cost(torch.nn.Linear(2, 2), 1, 8)
 
 
 def test_report_and_measurement_agree_for_every_gqa_preset_at_one_layer():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mla_ref.testing import check_close, check_far, relative_error
+from mla_ref.testing import check_close, check_far, copies_of, relative_error
 
 
 def test_relative_error_is_the_ratio_of_norms():
@@ -29,3 +29,20 @@ def test_check_close_takes_plain_numbers(capsys):
     assert capsys.readouterr().out == "loss: match: True\n"
     with pytest.raises(AssertionError):
         check_close("loss", 2.7, 2.8, rtol=1e-4, atol=0)
+
+
+def test_copies_of_lists_new_memory_once_and_never_a_view():
+    rows = torch.randn(64, 10)
+    positive = rows > 0
+    with copies_of(rows) as copies:
+        _ = rows[:, :8], rows.float(), rows.view(640), rows.T  # views: the same memory
+        _ = rows.sum(dim=0)  # new, but far smaller than rows
+        _ = rows < 0  # as many elements, but a quarter of the bytes
+        filled = rows.masked_fill(positive, 0.0)  # a copy of all of it
+        _ = filled[:, :8], filled.reshape(32, 20)  # views of that copy: listed once, above
+        _ = torch.cat([rows, rows])
+    assert copies == ["masked_fill -> (64, 10)", "cat -> (128, 10)"]
+    with copies_of(rows, at_least=0.25) as copies:
+        _ = rows[:20].clone()  # 20 of 64 rows: above a quarter
+        _ = rows[:10].clone()  # 10 of 64: below
+    assert copies == ["clone -> (20, 10)"]

@@ -14,7 +14,7 @@ cache holds uninitialised memory, NaN included) and never reach the result.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
+from einops import einsum, rearrange
 
 
 def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -44,22 +44,32 @@ def mla_decode_reference(
     Shapes: q (b, h, d_c + d_R); cache (b, t, d_c + d_R), or pages (num_pages, page_size, d_c + d_R)
     with block_table (b, max_blocks); lengths (b,).  Returns out (b, h, d_c) in q's dtype and
     lse (b, h) in fp32.  Inputs are not checked here: ``mla_decode`` checks them.
+
+    Letters as in DeepSeek's code: b sequence, h head, t cached token, c latent column, r rope column;
+    "cr" is a whole cache row [c ; k^R], d_c + d_R columns.  The rows are read as they are stored: one
+    product for the scores (over cr), one for the values (over the first d_c columns of the same rows), no
+    copy of the cache in fp32 (bf16 / fp16 rows are widened to fp32 first).  Reading ``lengths`` costs one
+    small device-to-host copy on a GPU.
     """
     if block_table is not None:
         cache = gather_pages(cache, block_table, lengths)  # (b, t, d_c + d_R)
-    d_c, d_r = kv_lora_rank, q.shape[-1] - kv_lora_rank
-    q_latent, q_rope = q.float().split([d_c, d_r], dim=-1)  # (b, h, d_c), (b, h, d_R)
-    latent, rope_key = cache.float().split([d_c, d_r], dim=-1)  # (b, t, d_c), (b, t, d_R)
-    in_use = torch.arange(cache.shape[1], device=cache.device)[None, :] < lengths[:, None]  # (b, t)
+    d_c = kv_lora_rank
+    # no sequence reads past the longest one, so the rows after it are left out (a view, no copy)
+    longest = int(lengths.max())
+    rows = cache[:, :longest].float()  # (b, t, d_c + d_R): [c_t ; k^R_t]
 
-    # score[b,h,t] = scale · (q_c · c_t + q_R · k^R_t)
-    scores = torch.einsum("bhc,btc->bht", q_latent, latent) + torch.einsum("bhr,btr->bht", q_rope, rope_key)
-    scores = (scores * softmax_scale).masked_fill(~in_use[:, None, :], float("-inf"))
+    # score[b,h,t] = scale · Σ_cr q[b,h,cr] · row[b,t,cr]  =  scale · (q_c · c_t + q_R · k^R_t)
+    scores = einsum(q.float() * softmax_scale, rows, "b h cr, b t cr -> b h t")
+    if int(lengths.min()) < longest:  # some sequence leaves rows unused: only then is there anything to mask
+        unused = torch.arange(longest, device=cache.device)[None, :] >= lengths[:, None]  # (b, t)
+        # score[b,h,t] = −∞ for t ≥ lengths[b]
+        scores = scores.masked_fill(unused[:, None, :], float("-inf"))
+        # an unused row may hold NaN (uninitialised memory), and 0 · NaN = NaN: zero it before p · c
+        rows = rows.masked_fill(unused[..., None], 0.0)
     # lse[b,h] = log Σ_t exp(score[b,h,t])
     lse = torch.logsumexp(scores, dim=-1)  # (b, h)
     # p[b,h,t] = exp(score[b,h,t] − lse[b,h])
     probs = torch.exp(scores - lse[..., None])  # (b, h, t)
-    # out[b,h] = Σ_t p[b,h,t] · c_t   (unused rows zeroed first, so 0 · NaN cannot leak in)
-    values = latent.masked_fill(~in_use[..., None], 0.0)  # (b, t, d_c)
-    out = torch.einsum("bht,btc->bhc", probs, values)  # (b, h, d_c)
+    # out[b,h,c] = Σ_t p[b,h,t] · row[b,t,c]   the values are the first d_c columns of the same rows
+    out = einsum(probs, rows[..., :d_c], "b h t, b t c -> b h c")  # (b, h, d_c)
     return out.to(q.dtype), lse
