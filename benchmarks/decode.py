@@ -45,7 +45,7 @@ import torch
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.kernels import mla_decode
 from mla_ref.mla import MLA
-from mla_ref.profile import decode_step_cost
+from mla_ref.roofline import decode_step_cost
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |y|, against absorbed

@@ -16,20 +16,18 @@ from hypothesis import strategies as st
 from mla_ref import MLA, GroupedQueryAttention
 from mla_ref import __main__ as cli
 from mla_ref.calculator import (
-    DTYPES,
-    PRESETS,
-    ModelShape,
     cache_variants,
     elements_per_token_per_layer,
     format_bytes,
     format_table,
     gqa_elements_per_token_per_layer,
-    load_model_shape,
     mha_equivalent_elements_per_token_per_layer,
     mla_elements_per_token_per_layer,
     report,
 )
 from mla_ref.cli.kv_cache import main
+from mla_ref.dtypes import DTYPES
+from mla_ref.model_shapes import PRESETS, ModelShape, load_model_shape
 
 # bf16 bytes per token over all layers, worked out by hand from each published config.json.
 HAND_COMPUTED_BF16_BYTES_PER_TOKEN = {

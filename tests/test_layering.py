@@ -25,7 +25,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("mla_ref.rope", "mla_ref.cache", "mla_ref.norm", "mla_ref.kernels."),  # the core
     ("mla_ref.attention",),
     ("mla_ref.mla", "mla_ref"),  # the package's __init__ exports the core, up to MLA
-    ("mla_ref.model", "mla_ref.data", "mla_ref.checkpoint", "mla_ref.calculator", "mla_ref.profile"),  # the lab
+    (  # the lab
+        "mla_ref.model",
+        "mla_ref.data",
+        "mla_ref.checkpoint",
+        "mla_ref.model_shapes",
+        "mla_ref.calculator",
+        "mla_ref.profile",
+        "mla_ref.roofline",
+    ),
     ("mla_ref.hf.",),  # file formats
     ("mla_ref.convert.",),  # the conversion math
     ("mla_ref.train", "mla_ref.recovery."),  # training

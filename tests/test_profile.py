@@ -15,26 +15,30 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from mla_ref import MLA, GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
-from mla_ref.calculator import DTYPES, PRESETS, ModelShape, report
+from mla_ref.calculator import report
+from mla_ref.dtypes import DTYPES
+from mla_ref.model_shapes import PRESETS, ModelShape
 from mla_ref.profile import (
     MEASURED_BY_CUDA,
     MEASURED_BY_TENSORS,
-    DecodeStepCost,
-    achieved_bandwidth,
     calculator_bytes,
     calculator_relative_difference,
-    copy_bandwidth,
-    decode_bytes_read,
-    decode_step_cost,
     device_memory_budget,
     fill_cache,
-    matmul_rate,
     measure_cache_bytes,
     relative_difference,
     resolve_device,
     time_call,
     time_decode_step,
     tokens_that_fit,
+)
+from mla_ref.roofline import (
+    DecodeStepCost,
+    achieved_bandwidth,
+    copy_bandwidth,
+    decode_bytes_read,
+    decode_step_cost,
+    matmul_rate,
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA measurements skipped")

@@ -12,9 +12,10 @@ import argparse
 import torch
 
 from mla_ref.attention import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
-from mla_ref.calculator import format_bytes, load_model_shape, report
+from mla_ref.calculator import format_bytes, report
 from mla_ref.convert import mean_pool_kv_heads
 from mla_ref.mla import MLA
+from mla_ref.model_shapes import load_model_shape
 
 D_MODEL, N_HEADS, HEAD_DIM = 256, 8, 32
 PROMPT, DECODE_STEPS = 48, 16

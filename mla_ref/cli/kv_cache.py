@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 
-from mla_ref.calculator import PRESETS, format_table, load_model_shape, recorded_source, report
+from mla_ref.calculator import format_table, recorded_source, report
 from mla_ref.cli.common import Parser, run
 from mla_ref.dtypes import DTYPES
+from mla_ref.model_shapes import PRESETS, load_model_shape
 from mla_ref.records import CONVERSION_RECORD
 
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from mla_ref.calculator import GQA_MODEL_TYPES
 from mla_ref.dtypes import dtype_name
 from mla_ref.hf.build import block_from_state, tinylm_from_state, unallocated
 from mla_ref.hf.files import WeightFiles, check_tensors, read_config
 from mla_ref.model import Block, ModelConfig, TinyLM
+from mla_ref.model_shapes import GQA_MODEL_TYPES
 from mla_ref.rope import convert_layout, inverse_frequencies
 
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "llama3")

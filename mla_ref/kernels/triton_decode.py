@@ -247,6 +247,40 @@ def _require_power_of_two(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be a power of two ≥ {minimum}; got {value!r}")
 
 
+def _buffers(q: torch.Tensor, num_splits: int, d_c: int) -> tuple[torch.Tensor, ...]:
+    """The splits' partial outputs and log-sum-exps (fp32), then the merged out (q's dtype) and lse (fp32)."""
+    batch, n_heads = q.shape[:2]
+    part_out = torch.empty(batch, n_heads, num_splits, d_c, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, n_heads, d_c, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, n_heads, dtype=torch.float32, device=q.device)
+    return part_out, part_lse, out, lse
+
+
+def _merge_splits(part_out, part_lse, out, lse, *, d_c: int, block_c: int, num_splits: int) -> None:
+    """Launch the merge kernel (D): each (sequence, head) combines its splits' partial sums into ``out`` and ``lse``."""
+    batch, n_heads = out.shape[:2]
+    _mla_decode_merge_kernel[(batch, n_heads)](
+        part_out,
+        part_lse,
+        out,
+        lse,
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        D_C=d_c,
+        BLOCK_C=block_c,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )
+
+
 def mla_decode_triton(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -289,10 +323,7 @@ def mla_decode_triton(
     cache = cache if cache.stride(-1) == 1 else cache.contiguous()
     table = block_table if paged else lengths  # a placeholder pointer when not paged: never read
 
-    part_out = torch.empty(batch, n_heads, num_splits, d_c, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
-    out = torch.empty(batch, n_heads, d_c, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, n_heads, dtype=torch.float32, device=q.device)
+    part_out, part_lse, out, lse = _buffers(q, num_splits, d_c)
     block_c = max(16, triton.next_power_of_2(d_c))
     block_r = max(16, triton.next_power_of_2(d_r))
 
@@ -328,23 +359,5 @@ def mla_decode_triton(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    _mla_decode_merge_kernel[(batch, n_heads)](
-        part_out,
-        part_lse,
-        out,
-        lse,
-        part_out.stride(0),
-        part_out.stride(1),
-        part_out.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        D_C=d_c,
-        BLOCK_C=block_c,
-        NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=4,
-    )
+    _merge_splits(part_out, part_lse, out, lse, d_c=d_c, block_c=block_c, num_splits=num_splits)
     return out, lse
