@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
         "mla_ref.measures",
         "mla_ref.dtypes",
         "mla_ref.progress",
+        "mla_ref.threads",
     ),
     ("mla_ref.rope", "mla_ref.cache", "mla_ref.norm", "mla_ref.kernels."),  # the core
     ("mla_ref.attention",),
