@@ -36,7 +36,7 @@ from torch import nn
 from mla_ref._checks import require_number
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.activations import check_calibration_inputs, input_moment
-from mla_ref.convert.bkv_pca import bkv_pca_parts
+from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric_terms
 from mla_ref.convert.parts import assemble_mla, check_source
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts
 from mla_ref.mla import MultiHeadLatentAttention
@@ -160,11 +160,13 @@ def recipe_convert(
         source, calibration_inputs, rope_dim=rope_dim, freqfold=freqfold, rope_budget="uniform", basis=basis
     )
     target = source_output  # (b, s, d_model): y_src
+    # M_K, M_V and the balance of the score metric do not depend on the key weight: formed once for all three
+    terms = latent_metric_terms(rotated, calibration_inputs, metric="score", x_moment=x_moment)
     best, best_error = None, float("inf")
     for key_weight in key_weights:
         parts = bkv_pca_parts(
             rotated, calibration_inputs, kv_lora_rank=kv_lora_rank, metric="score", key_weight=key_weight,
-            x_moment=x_moment,
+            x_moment=x_moment, metric_terms=terms,
         )  # fmt: skip
         converted, error = _refit(assemble_mla(parts, source.d_model), calibration_inputs, target, ridge)
         if error < best_error:
