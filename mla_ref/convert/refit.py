@@ -74,14 +74,14 @@ def _refit(
     normal equations: ‖Y − Z W‖² = ‖Y‖² − 2⟨W, ZᵀY⟩ + ⟨W, ZᵀZ W⟩, no second pass over the tokens.
     """
     target = source_output.flatten(0, 1).double()  # (T, d_model): y_src
-    heads = {}
-    hook = refit.o_proj.register_forward_pre_hook(lambda _module, args: heads.__setitem__("z", args[0]))
+    # the forward up to o_proj's input: with o_proj out of the way the module returns the heads' outputs z
+    o_proj, refit.o_proj = refit.o_proj, nn.Identity()
     try:
         with all_threads():  # a layer's forward: the same result on any number of threads
-            refit(calibration_inputs)
+            z = refit(calibration_inputs)  # (b, s, h·d_v)
     finally:
-        hook.remove()
-    z = heads["z"].flatten(0, 1).double()  # (T, h·d_v): the heads' outputs, o_proj's input
+        refit.o_proj = o_proj
+    z = z.flatten(0, 1).double()  # (T, h·d_v): the heads' outputs, o_proj's input
     if z.shape[0] < REFIT_TOKENS_PER_WEIGHT * z.shape[1]:
         # Fewer samples than about twice the unknowns per output row: the least-squares solution would fit the
         # calibration tokens' noise (on SmolLM2 at half its cache, 512 tokens for 576 unknowns gave perplexity
