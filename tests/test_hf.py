@@ -618,7 +618,7 @@ def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path,
     import mla_ref.pipelines.convert as pipeline
 
     calls = []
-    real = pipeline.convert_layer
+    real = pipeline.convert_layer_candidates
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -626,7 +626,7 @@ def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path,
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "convert_layer", failing)
+    monkeypatch.setattr(pipeline, "convert_layer_candidates", failing)
     before = _hashes(llama_dir)
     with pytest.raises(RuntimeError, match="interrupted"):
         convert_checkpoint(llama_dir, tmp_path / "out", _small_options(calib_dir=str(calib_dir)))

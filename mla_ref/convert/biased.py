@@ -53,10 +53,26 @@ def convert_layer(
     Biases are handled on [x; 1].  Shapes: calibration_inputs (b, s, d_model), the hidden states entering the
     layer's attention (exact ignores them).
     """
+    return convert_layer_candidates(attention, calibration_inputs, method, [sizes])[0]
+
+
+@torch.no_grad()
+def convert_layer_candidates(
+    attention: GroupedQueryAttention,
+    calibration_inputs: torch.Tensor,
+    method: str,
+    candidates: list[dict],
+    *,
+    source_output: torch.Tensor | None = None,
+) -> list[MultiHeadLatentAttention]:
+    """``convert_layer`` at each of ``candidates`` (``Method.candidate_sizes``), in order; the method does what the
+    candidates share once (``Method.convert_candidates``).  ``source_output``: ``attention``'s output on the
+    calibration inputs (b, s, d_model), when already computed."""
     source, inputs = attention, calibration_inputs.float()
     has_bias = attention.q_proj.bias is not None
     if has_bias:
         source = augmented(attention)
         inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)  # [x; 1]
-    result = get_method(method).convert(source, inputs, sizes)
-    return split_augmented(result, attention.d_model) if has_bias else result
+        source_output = None  # the layer on [x; 1] has one more output coordinate, and rounds its own way
+    results = get_method(method).convert_candidates(source, inputs, candidates, source_output)
+    return [split_augmented(result, attention.d_model) if has_bias else result for result in results]

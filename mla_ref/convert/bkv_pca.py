@@ -28,6 +28,8 @@ dims, and the absorbed path is unchanged (it multiplies the same two maps).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 
@@ -69,9 +71,40 @@ def latent_metric(
     Shapes: calibration_inputs (b, s, d_model); the latent is [k^N (d_N) ; v], as ``rorope_parts`` make it.
     ``x_moment``: E[x xᵀ] of the calibration inputs (``input_moment``), when already computed.
     """
-    require_choice("metric", metric, LATENT_METRICS)
+    _check_key_weight(key_weight)
+    terms = latent_metric_terms(parts, calibration_inputs, metric=metric, balance=balance, x_moment=x_moment)
+    return terms.at(key_weight)
+
+
+def _check_key_weight(key_weight: object) -> None:
     if isinstance(key_weight, bool) or not isinstance(key_weight, (int, float)) or not key_weight > 0:
         raise ValueError(f"key_weight must be a positive number, got {key_weight!r}")
+
+
+@dataclass
+class LatentMetricTerms:
+    """The parts of ``latent_metric`` that do not depend on the key weight w: M = w β M_K + M_V (fp64)."""
+
+    key_metric: torch.Tensor  # M_K, (d_full, d_full)
+    value_metric: torch.Tensor  # M_V, (d_full, d_full)
+    balance: float  # β
+
+    def at(self, key_weight: float) -> torch.Tensor:
+        """M for the key weight w."""
+        return key_weight * self.balance * self.key_metric + self.value_metric
+
+
+@torch.no_grad()
+def latent_metric_terms(
+    parts: MLAParts,
+    calibration_inputs: torch.Tensor,
+    *,
+    metric: str = "norm",
+    balance: bool = True,
+    x_moment: torch.Tensor | None = None,
+) -> LatentMetricTerms:
+    """M_K, M_V and β of ``latent_metric`` (see there), to combine with any key weight (``LatentMetricTerms.at``)."""
+    require_choice("metric", metric, LATENT_METRICS)
     n_heads, d_nope, d_full = parts.key_up.shape[0], parts.key_up.shape[1], parts.latent_down.shape[0]
     if x_moment is None:
         x_moment = input_moment(calibration_inputs, parts.latent_down.shape[1]).to(parts.latent_down.device)
@@ -90,7 +123,7 @@ def latent_metric(
     key_energy = (key_metric * latent_moment).sum()  # E[cᵀ M_K c] = tr(M_K E[c cᵀ])
     value_energy = (value_metric * latent_moment).sum()
     weight = (value_energy / key_energy).item() if balance and d_nope > 0 and key_energy > 0 else 1.0
-    return key_weight * weight * key_metric + value_metric
+    return LatentMetricTerms(key_metric, value_metric, weight)
 
 
 def key_value_balance(parts: MLAParts, calibration_inputs: torch.Tensor) -> float:
@@ -113,6 +146,7 @@ def bkv_pca_parts(
     key_weight: float = 1.0,
     fold_query: bool = True,
     x_moment: torch.Tensor | None = None,
+    metric_terms: LatentMetricTerms | None = None,
 ) -> MLAParts:
     """Compress the latent [k^N ; v] of ``parts`` (as ``rorope_parts`` make it) to ``kv_lora_rank`` dims.
 
@@ -123,6 +157,8 @@ def bkv_pca_parts(
     (``latent_metric``).  Shapes: calibration_inputs
     (b, s, d_model); the result has d_c = kv_lora_rank and d_N = min(d_N, d_c) when ``fold_query``.  ``x_moment``:
     E[x xᵀ] of the calibration inputs (``input_moment``), when already computed — all the PCA needs of them.
+    ``metric_terms``: ``latent_metric_terms`` of ``parts`` with this ``metric`` and ``balance``, when already
+    computed (they do not depend on ``key_weight``).
     """
     d_nope, d_full = parts.key_up.shape[1], parts.latent_down.shape[0]
     require_positive_int("kv_lora_rank", kv_lora_rank)
@@ -136,9 +172,10 @@ def bkv_pca_parts(
         raise ValueError(f"the latent must start with the {d_nope} position-free key dims, the only ones W_UK reads")
     if x_moment is None:
         x_moment = input_moment(calibration_inputs, parts.latent_down.shape[1]).to(parts.latent_down.device)
-    weights = latent_metric(  # M, (d_full, d_full)
-        parts, calibration_inputs, metric=metric, balance=balance, key_weight=key_weight, x_moment=x_moment
-    )
+    if metric_terms is None:
+        metric_terms = latent_metric_terms(parts, calibration_inputs, metric=metric, balance=balance, x_moment=x_moment)
+    _check_key_weight(key_weight)
+    weights = metric_terms.at(key_weight)  # M, (d_full, d_full)
     values, vectors = torch.linalg.eigh(weights)
     values = values.clamp_min(values.max() * 1e-10)  # a metric blind to some direction still reconstructs it
     root = vectors @ torch.diag(values.sqrt()) @ vectors.T  # M^½

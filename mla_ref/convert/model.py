@@ -132,7 +132,9 @@ def convert_model_by_method(
     for layer, layer_inputs in zip(model.layers, inputs, strict=True):
         attention = layer.self_attn
         search.add_layer(
-            attention, layer_inputs, lambda sizes, a=attention, x=layer_inputs: chosen.convert(a, x, sizes)
+            attention,
+            layer_inputs,
+            lambda candidates, y, a=attention, x=layer_inputs: chosen.convert_candidates(a, x, candidates, y),
         )
     if not search.choosing():
         return _with_layers(model, search.chosen())

@@ -36,10 +36,11 @@ from torch import nn
 from mla_ref._checks import require_number
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.activations import check_calibration_inputs, input_moment
-from mla_ref.convert.bkv_pca import bkv_pca_parts
+from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric_terms
 from mla_ref.convert.parts import assemble_mla, check_source
-from mla_ref.convert.rorope import rorope_parts
+from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts
 from mla_ref.mla import MultiHeadLatentAttention
+from mla_ref.threads import all_threads
 
 REFIT_TOKENS_PER_WEIGHT = 2  # calibration tokens per unknown of one output row that the refit asks for
 
@@ -73,13 +74,14 @@ def _refit(
     normal equations: ‖Y − Z W‖² = ‖Y‖² − 2⟨W, ZᵀY⟩ + ⟨W, ZᵀZ W⟩, no second pass over the tokens.
     """
     target = source_output.flatten(0, 1).double()  # (T, d_model): y_src
-    heads = {}
-    hook = refit.o_proj.register_forward_pre_hook(lambda _module, args: heads.__setitem__("z", args[0]))
+    # the forward up to o_proj's input: with o_proj out of the way the module returns the heads' outputs z
+    o_proj, refit.o_proj = refit.o_proj, nn.Identity()
     try:
-        refit(calibration_inputs)
+        with all_threads():  # a layer's forward: the same result on any number of threads
+            z = refit(calibration_inputs)  # (b, s, h·d_v)
     finally:
-        hook.remove()
-    z = heads["z"].flatten(0, 1).double()  # (T, h·d_v): the heads' outputs, o_proj's input
+        refit.o_proj = o_proj
+    z = z.flatten(0, 1).double()  # (T, h·d_v): the heads' outputs, o_proj's input
     if z.shape[0] < REFIT_TOKENS_PER_WEIGHT * z.shape[1]:
         # Fewer samples than about twice the unknowns per output row: the least-squares solution would fit the
         # calibration tokens' noise (on SmolLM2 at half its cache, 512 tokens for 576 unknowns gave perplexity
@@ -91,7 +93,8 @@ def _refit(
         )
     if refit.o_proj.bias is not None:
         target = target - refit.o_proj.bias.double()  # the bias stays; W_O fits what is left
-    gram, cross = z.T @ z, z.T @ target  # ZᵀZ (h·d_v, h·d_v), ZᵀY (h·d_v, d_model)
+    with all_threads():  # matmuls: the same result on any number of threads
+        gram, cross = z.T @ z, z.T @ target  # ZᵀZ (h·d_v, h·d_v), ZᵀY (h·d_v, d_model)
     lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)  # λ, scaled to Z
     # W_Oᵀ = (ZᵀZ + λ I)⁻¹ Zᵀ Y_src
     weight_t = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
@@ -110,7 +113,9 @@ RECIPE_KEY_WEIGHTS: tuple[float, ...] = (1.0, 4.0, 16.0)
 @torch.no_grad()
 def output_error(module: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> float:
     """E = Σ‖module(x) − y‖² / Σ‖y‖²: the layer's relative squared output error on ``inputs`` (b, s, d_model)."""
-    return ((module(inputs) - target).double().pow(2).sum() / target.double().pow(2).sum()).item()
+    with all_threads():  # the forward on every thread; the sums below stay on the caller's
+        output = module(inputs)
+    return ((output - target).double().pow(2).sum() / target.double().pow(2).sum()).item()
 
 
 @torch.no_grad()
@@ -123,6 +128,9 @@ def recipe_convert(
     freqfold: int = 1,
     ridge: float = 1e-4,
     key_weights: tuple[float, ...] = RECIPE_KEY_WEIGHTS,
+    x_moment: torch.Tensor | None = None,
+    basis: RotatedKeyBasis | None = None,
+    source_output: torch.Tensor | None = None,
 ) -> MultiHeadLatentAttention:
     """mla_ref's training-free recipe: RoRoPE (one roped component per frequency, TransMLA's uniform budget), BKV-PCA
     with the score metric (lesson 06), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
@@ -138,21 +146,51 @@ def recipe_convert(
     With rope_dim ≤ d_h and freqfold 1 the roped components turn with the d_R/2 highest source frequencies: a
     standard RoPE table, which a stock DeepSeek-V3 checkpoint reproduces exactly.
 
-    Shapes: calibration_inputs (b, s, d_model).  ``source`` is not modified.
+    Shapes: calibration_inputs (b, s, d_model).  ``source`` is not modified.  What does not depend on the sizes,
+    when already computed (``recipe_shared``, for converting one layer at several splits): ``x_moment`` E[x xᵀ] of
+    the calibration inputs, RoRoPE's ``basis`` (``rorope_basis``), ``source_output`` the source layer's output on
+    them (b, s, d_model).
     """
     if not key_weights:
         raise ValueError("key_weights must name at least one key weight, got none")
     check_source(source)
-    rotated = rorope_parts(source, calibration_inputs, rope_dim=rope_dim, freqfold=freqfold, rope_budget="uniform")
-    x_moment = input_moment(calibration_inputs, source.d_model).to(rotated.latent_down.device)  # E[x xᵀ], once
-    target = source(calibration_inputs)  # (b, s, d_model): y_src
+    if x_moment is None or basis is None or source_output is None:
+        x_moment, basis, source_output = recipe_shared(source, calibration_inputs, freqfold=freqfold)
+    rotated = rorope_parts(
+        source, calibration_inputs, rope_dim=rope_dim, freqfold=freqfold, rope_budget="uniform", basis=basis
+    )
+    target = source_output  # (b, s, d_model): y_src
+    # M_K, M_V and the balance of the score metric do not depend on the key weight: formed once for all three
+    terms = latent_metric_terms(rotated, calibration_inputs, metric="score", x_moment=x_moment)
     best, best_error = None, float("inf")
     for key_weight in key_weights:
         parts = bkv_pca_parts(
             rotated, calibration_inputs, kv_lora_rank=kv_lora_rank, metric="score", key_weight=key_weight,
-            x_moment=x_moment,
+            x_moment=x_moment, metric_terms=terms,
         )  # fmt: skip
         converted, error = _refit(assemble_mla(parts, source.d_model), calibration_inputs, target, ridge)
         if error < best_error:
             best, best_error = converted, error
     return best
+
+
+@torch.no_grad()
+def recipe_shared(
+    source: GroupedQueryAttention,
+    calibration_inputs: torch.Tensor,
+    *,
+    freqfold: int = 1,
+    source_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, RotatedKeyBasis, torch.Tensor]:
+    """What ``recipe_convert`` reads of a layer whatever the sizes: E[x xᵀ] of the calibration inputs, RoRoPE's basis
+    (its eigen-decompositions of the keys' second moments) and the source layer's output (b, s, d_model).  Converting
+    a layer at several splits computes them once and passes them to every ``recipe_convert``; a ``source_output``
+    given is used as it is."""
+    check_source(source)
+    with all_threads():  # a matmul over the tokens (and a check that they are finite): the same on any threads
+        x_moment = input_moment(calibration_inputs, source.d_model).to(source.k_proj.weight.device)  # E[x xᵀ]
+    basis = rorope_basis(source, calibration_inputs, freqfold=freqfold, x_moment=x_moment)
+    if source_output is None:
+        with all_threads():  # a layer's forward: the same result on any number of threads
+            source_output = source(calibration_inputs)
+    return x_moment, basis, source_output

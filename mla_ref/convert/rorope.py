@@ -131,15 +131,22 @@ def _mixing_per_head(mixing: torch.Tensor, source: GroupedQueryAttention) -> tor
 
 @torch.no_grad()
 def rorope_basis(
-    source: GroupedQueryAttention, calibration_inputs: torch.Tensor, *, freqfold: int = 1
+    source: GroupedQueryAttention,
+    calibration_inputs: torch.Tensor,
+    *,
+    freqfold: int = 1,
+    x_moment: torch.Tensor | None = None,
 ) -> RotatedKeyBasis:
     """PCA of the calibration keys per frequency group: the orthogonal mixing of RoRoPE (F = 1) or FreqFold.
 
-    Shapes: calibration_inputs (b, s, d_model).  See ``RotatedKeyBasis`` for what comes back.
+    Shapes: calibration_inputs (b, s, d_model).  See ``RotatedKeyBasis`` for what comes back.  ``x_moment``:
+    E[x xᵀ] of the calibration inputs (``input_moment``), when already computed.
     """
     check_source(source)
     freqfold = check_freqfold(freqfold, source.head_dim)
-    x_moment = input_moment(calibration_inputs, source.d_model).to(source.k_proj.weight.device)  # E[x xᵀ], (D, D)
+    if x_moment is None:
+        x_moment = input_moment(calibration_inputs, source.d_model)
+    x_moment = x_moment.to(source.k_proj.weight.device)  # E[x xᵀ], (D, D)
     key_pool = _key_pool(source, freqfold)  # (G, C, 2, D)
     # M_G[p, q] = E[Σ_e k_{p,e} k_{q,e}]: coordinates a and b of every token are samples of one pool vector
     key_moment = torch.einsum("Gpei,ij,Gqej->Gpq", key_pool, x_moment, key_pool)  # (G, C, C)

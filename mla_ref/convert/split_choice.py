@@ -24,6 +24,7 @@ from torch import nn
 
 from mla_ref.convert.refit import output_error
 from mla_ref.measures import kl_per_position
+from mla_ref.threads import all_threads
 
 
 @dataclass
@@ -53,17 +54,24 @@ class SplitSearch:
         self,
         source: nn.Module,
         calibration_inputs: torch.Tensor,
-        convert: Callable[[dict], nn.Module],
+        convert: Callable[[list[dict], torch.Tensor | None], list[nn.Module]],
         keep: Callable[[nn.Module], object] = lambda module: module,
     ) -> None:
-        """Convert one layer at every candidate split (``convert(sizes)``), score it, and keep ``keep(module)``.
+        """Convert one layer at every candidate split, score each, and keep ``keep(module)``.
 
+        ``convert(candidates, target)`` gives one module per split, in order; ``target`` is the source layer's
+        output on the calibration inputs (None with one candidate), for a converter that reads it too.
         Shapes: calibration_inputs (b, s, d_model), what ``source`` and the converted layers read.  With one
         candidate there is nothing to choose and no error is measured.
         """
-        target = source(calibration_inputs) if len(self.candidates) > 1 else None  # (b, s, d_model): y_l
-        for k, sizes in enumerate(self.candidates):
-            module = convert(sizes)
+        target = None
+        if len(self.candidates) > 1:
+            with all_threads():  # a layer's forward: the same result on any number of threads
+                target = source(calibration_inputs)  # (b, s, d_model): y_l
+        modules = convert(self.candidates, target)
+        if len(modules) != len(self.candidates):
+            raise ValueError(f"convert gave {len(modules)} modules for {len(self.candidates)} candidate splits")
+        for k, module in enumerate(modules):
             if target is not None:
                 self.errors[k].append(output_error(module, calibration_inputs, target))
             self.kept[k].append(keep(module))

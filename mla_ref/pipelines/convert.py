@@ -25,18 +25,16 @@ weight of a constant input — so every conversion method handles them; the bias
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mla_ref.convert.biased import convert_layer
+from mla_ref.convert.biased import convert_layer_candidates
 from mla_ref.convert.model import mla_config
 from mla_ref.convert.rope_table import fit_rope_theta, layer_table
 from mla_ref.convert.split_choice import SplitSearch
@@ -63,6 +61,7 @@ from mla_ref.pipelines.guard import GUARD_TOKENS, REFERENCE_FORM, WRITTEN_FORM, 
 from mla_ref.pipelines.report import ConversionReport, Streams, build_report
 from mla_ref.progress import tqdm
 from mla_ref.records import CONVERSION_RECORD
+from mla_ref.threads import one_thread
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------
@@ -80,22 +79,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the enclosed work on one torch thread.
-
-    Converting a layer means small dense algebra (eigen-decompositions of a few hundred rows), where the
-    thread pool that serves the large matmuls only adds contention: on a busy 2-core machine an fp64
-    ``eigh`` of 224 rows took ~1 s inside the pool's wake and ~3 ms on one thread.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -126,11 +109,14 @@ def _convert_layers(
         calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
         bound = input_bound(block.input_layernorm.weight)
 
-        def convert(sizes: dict, attention=block.self_attn, inputs=calibration_inputs, bound=bound):
-            module = convert_layer(attention, inputs, options.method, sizes)
+        def convert(candidates: list[dict], target, attention=block.self_attn, inputs=calibration_inputs, bound=bound):
+            modules = convert_layer_candidates(attention, inputs, options.method, candidates, source_output=target)
             if options.q_lora_rank is not None:
-                module = low_rank_query(module, inputs, options.q_lora_rank, mode=options.norm, bound=bound)
-            return module
+                modules = [
+                    low_rank_query(module, inputs, options.q_lora_rank, mode=options.norm, bound=bound)
+                    for module in modules
+                ]
+            return modules
 
         def keep(module, inputs=calibration_inputs, bound=bound):
             fit = None
@@ -141,7 +127,7 @@ def _convert_layers(
                 fit = fit_norm(latent, anchor=anchor_constant(down.weight[:d_c], bias, bound))
             return module.to(dtype), fit
 
-        with _one_thread():
+        with one_thread():  # small dense algebra; its large products take the threads back (mla_ref.threads)
             search.add_layer(block.self_attn, calibration_inputs, convert, keep)
         hidden = block(hidden)
         kept.bounds.append(bound)

@@ -46,6 +46,18 @@ class Method:
         """One bias-free layer converted at ``sizes`` (from ``sizes``).  Shapes: calibration_inputs (b, s, d_model)."""
         raise NotImplementedError
 
+    def convert_candidates(
+        self,
+        source: GroupedQueryAttention,
+        calibration_inputs: torch.Tensor,
+        candidates: list[dict],
+        source_output: torch.Tensor | None = None,
+    ) -> list[MultiHeadLatentAttention]:
+        """``convert`` at each of ``candidates`` (``candidate_sizes``), in order.  A method whose conversions share
+        work that does not depend on the sizes overrides this to do that work once; ``source_output`` (the source
+        layer's output on the calibration inputs, when already computed) is for such a method."""
+        return [self.convert(source, calibration_inputs, sizes) for sizes in candidates]
+
     def named_sizes(self, source: GroupedQueryAttention, kv_lora_rank: int, rope_dim: int) -> dict:
         """(d_c, d_R) as the keywords ``convert`` takes."""
         return {"kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim}

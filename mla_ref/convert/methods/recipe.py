@@ -20,7 +20,7 @@ import torch
 
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.methods.base import Method
-from mla_ref.convert.refit import REFIT_TOKENS_PER_WEIGHT, recipe_convert
+from mla_ref.convert.refit import REFIT_TOKENS_PER_WEIGHT, recipe_convert, recipe_shared
 from mla_ref.convert.sizes import even
 from mla_ref.mla import MultiHeadLatentAttention
 
@@ -59,3 +59,25 @@ class Recipe(Method):
         self, source: GroupedQueryAttention, calibration_inputs: torch.Tensor, sizes: dict
     ) -> MultiHeadLatentAttention:
         return recipe_convert(source, calibration_inputs, **sizes)
+
+    def convert_candidates(
+        self,
+        source: GroupedQueryAttention,
+        calibration_inputs: torch.Tensor,
+        candidates: list[dict],
+        source_output: torch.Tensor | None = None,
+    ) -> list[MultiHeadLatentAttention]:
+        # E[x xᵀ], RoRoPE's basis and the source layer's output do not depend on the split: computed once per freqfold
+        shared = {}
+        converted = []
+        for sizes in candidates:
+            freqfold = sizes.get("freqfold", 1)
+            if freqfold not in shared:
+                shared[freqfold] = recipe_shared(
+                    source, calibration_inputs, freqfold=freqfold, source_output=source_output
+                )
+            moment, basis, output = shared[freqfold]
+            converted.append(
+                recipe_convert(source, calibration_inputs, **sizes, x_moment=moment, basis=basis, source_output=output)
+            )
+        return converted
