@@ -40,7 +40,7 @@ def main() -> int:
     from held_out import prose_text, train_without_prose
 
     from mla_ref.convert import get_method
-    from mla_ref.convert.bkv_pca import transmla_convert
+    from mla_ref.convert.methods.transmla import transmla_convert
     from mla_ref.convert.model import convert_model
     from mla_ref.data import load_corpus, validation_windows
     from mla_ref.hf import load_model, text_tokens

@@ -6,7 +6,8 @@ import torch
 
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert import gqa_to_mla_exact, latent_metric, recipe_convert, refit_output_proj, transmla_convert
-from mla_ref.convert.refit import RECIPE_KEY_WEIGHTS, output_error
+from mla_ref.convert.methods.recipe import RECIPE_KEY_WEIGHTS
+from mla_ref.convert.refit import output_error
 from mla_ref.convert.rorope import rorope_parts
 from mla_ref.rope import inverse_frequencies
 

@@ -21,11 +21,13 @@
 Recovery fine-tuning of a converted model is training, and lives in ``mla_ref.recovery``.
 """
 
-from mla_ref.convert.bkv_pca import bkv_pca_parts, key_value_balance, latent_metric, transmla_convert, transmla_parts
+from mla_ref.convert.bkv_pca import bkv_pca_parts, key_value_balance, latent_metric
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.mean_pool import mean_pool_kv_heads
 from mla_ref.convert.methods import METHODS, Method, budget_elements, get_method
 from mla_ref.convert.methods.mha2mla import mha2mla_convert, mha2mla_ranks
+from mla_ref.convert.methods.recipe import recipe_convert
+from mla_ref.convert.methods.transmla import transmla_convert, transmla_parts
 from mla_ref.convert.model import convert_model, convert_model_by_method, mla_config
 from mla_ref.convert.partial_rope import (
     keep_top_pairs,
@@ -35,7 +37,7 @@ from mla_ref.convert.partial_rope import (
     select_rotary_pairs,
 )
 from mla_ref.convert.parts import MLAParts, assemble_mla
-from mla_ref.convert.refit import recipe_convert, refit_output_proj
+from mla_ref.convert.refit import refit_output_proj
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts, select_rope_components
 from mla_ref.convert.svd_low_rank import svd_low_rank_parts
 

@@ -15,8 +15,8 @@ Z has rank at most h·min(d_v, d_c) — hence the ridge, which keeps the directi
 Z (T, h·d_v) and Y_src (T, d_model) stack the T calibration tokens.  Where the conversion is lossless, the fit
 reproduces the source's output up to the ridge's small bias; where it is not, it lowers the calibration error.  It
 keeps the cache and the module's form (DeepSeek-V3's o_proj), and the absorbed decode path folds the new W_O as it
-did the old.  This step is this project's addition, not TransMLA's or MHA2MLA's; ``recipe_convert`` is the whole
-training-free recipe that ends with it.
+did the old.  This step is this project's addition, not TransMLA's or MHA2MLA's; the whole training-free recipe
+that ends with it is ``recipe_convert`` in ``mla_ref.convert.methods.recipe``.
 
 It is a training-free step: a model that will be fine-tuned is better started without it.  On the GQA teacher at
 25% of its cache, the refit brought the earlier recipe (rotation budget) from 1.70× to 1.57× the teacher's perplexity,
@@ -34,11 +34,7 @@ import torch
 from torch import nn
 
 from mla_ref._checks import require_number
-from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.activations import check_calibration_inputs, input_moment
-from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric_terms
-from mla_ref.convert.parts import assemble_mla, check_source
-from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts
+from mla_ref.convert.activations import check_calibration_inputs
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.threads import all_threads
 
@@ -61,11 +57,11 @@ def refit_output_proj(
         raise ValueError(f"converted must be a MultiHeadLatentAttention, got {type(converted).__name__}")
     require_number("ridge", ridge, lambda r: r > 0, "be a positive number")
     check_calibration_inputs(calibration_inputs, converted.d_model)
-    refit, _ = _refit(copy.deepcopy(converted), calibration_inputs, source(calibration_inputs), ridge)
+    refit, _ = refit_in_place(copy.deepcopy(converted), calibration_inputs, source(calibration_inputs), ridge)
     return refit
 
 
-def _refit(
+def refit_in_place(
     refit: MultiHeadLatentAttention, calibration_inputs: torch.Tensor, source_output: torch.Tensor, ridge: float
 ) -> tuple[MultiHeadLatentAttention, float]:
     """Solve ``refit``'s o_proj in place against ``source_output`` (b, s, d_model).
@@ -106,91 +102,9 @@ def _refit(
     return refit, (residual.clamp_min(0) / norm).item()
 
 
-# The key weights the recipe tries in each layer (``latent_metric``'s w): the balance, then ever more latent for the keys.
-RECIPE_KEY_WEIGHTS: tuple[float, ...] = (1.0, 4.0, 16.0)
-
-
 @torch.no_grad()
 def output_error(module: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> float:
     """E = Σ‖module(x) − y‖² / Σ‖y‖²: the layer's relative squared output error on ``inputs`` (b, s, d_model)."""
     with all_threads():  # the forward on every thread; the sums below stay on the caller's
         output = module(inputs)
     return ((output - target).double().pow(2).sum() / target.double().pow(2).sum()).item()
-
-
-@torch.no_grad()
-def recipe_convert(
-    source: GroupedQueryAttention,
-    calibration_inputs: torch.Tensor,
-    *,
-    kv_lora_rank: int,
-    rope_dim: int,
-    freqfold: int = 1,
-    ridge: float = 1e-4,
-    key_weights: tuple[float, ...] = RECIPE_KEY_WEIGHTS,
-    x_moment: torch.Tensor | None = None,
-    basis: RotatedKeyBasis | None = None,
-    source_output: torch.Tensor | None = None,
-) -> MultiHeadLatentAttention:
-    """mla_ref's training-free recipe: RoRoPE (one roped component per frequency, TransMLA's uniform budget), BKV-PCA
-    with the score metric (lesson 06), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
-
-    The latent is shared by the keys and the values; how much of it the keys get is BKV-PCA's balance β times a key
-    weight w.  The recipe converts the layer once for each w in ``key_weights`` and keeps the one whose refit output
-    is closest to the source layer's on the calibration inputs (``output_error``).  Why: on SmolLM2-135M at a
-    quarter of its cache (d_R 32, d_c 63) the best w differs by layer — 2 in the last layer, 16 or more in most
-    middle ones — and choosing it per layer on the calibration tokens lowered the mean held-out layer error from
-    0.209 (w = 1, the balance alone) to 0.177, where the best single w for all layers gave 0.178 and the per-layer
-    best on the held-out text itself 0.176.
-
-    With rope_dim ≤ d_h and freqfold 1 the roped components turn with the d_R/2 highest source frequencies: a
-    standard RoPE table, which a stock DeepSeek-V3 checkpoint reproduces exactly.
-
-    Shapes: calibration_inputs (b, s, d_model).  ``source`` is not modified.  What does not depend on the sizes,
-    when already computed (``recipe_shared``, for converting one layer at several splits): ``x_moment`` E[x xᵀ] of
-    the calibration inputs, RoRoPE's ``basis`` (``rorope_basis``), ``source_output`` the source layer's output on
-    them (b, s, d_model).
-    """
-    if not key_weights:
-        raise ValueError("key_weights must name at least one key weight, got none")
-    check_source(source)
-    if x_moment is None or basis is None or source_output is None:
-        x_moment, basis, source_output = recipe_shared(source, calibration_inputs, freqfold=freqfold)
-    rotated = rorope_parts(
-        source, calibration_inputs, rope_dim=rope_dim, freqfold=freqfold, rope_budget="uniform", basis=basis
-    )
-    target = source_output  # (b, s, d_model): y_src
-    # M_K, M_V and the balance of the score metric do not depend on the key weight: formed once for all three
-    terms = latent_metric_terms(rotated, calibration_inputs, metric="score", x_moment=x_moment)
-    best, best_error = None, float("inf")
-    for key_weight in key_weights:
-        parts = bkv_pca_parts(
-            rotated, calibration_inputs, kv_lora_rank=kv_lora_rank, metric="score", key_weight=key_weight,
-            x_moment=x_moment, metric_terms=terms,
-        )  # fmt: skip
-        converted, error = _refit(assemble_mla(parts, source.d_model), calibration_inputs, target, ridge)
-        if error < best_error:
-            best, best_error = converted, error
-    return best
-
-
-@torch.no_grad()
-def recipe_shared(
-    source: GroupedQueryAttention,
-    calibration_inputs: torch.Tensor,
-    *,
-    freqfold: int = 1,
-    source_output: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, RotatedKeyBasis, torch.Tensor]:
-    """What ``recipe_convert`` reads of a layer whatever the sizes: E[x xᵀ] of the calibration inputs, RoRoPE's basis
-    (its eigen-decompositions of the keys' second moments) and the source layer's output (b, s, d_model).  Converting
-    a layer at several splits computes them once and passes them to every ``recipe_convert``; a ``source_output``
-    given is used as it is."""
-    check_source(source)
-    with all_threads():  # a matmul over the tokens (and a check that they are finite): the same on any threads
-        x_moment = input_moment(calibration_inputs, source.d_model).to(source.k_proj.weight.device)  # E[x xᵀ]
-    basis = rorope_basis(source, calibration_inputs, freqfold=freqfold, x_moment=x_moment)
-    if source_output is None:
-        with all_threads():  # a layer's forward: the same result on any number of threads
-            source_output = source(calibration_inputs)
-    return x_moment, basis, source_output
