@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mla_ref.convert.",),  # the conversion math
     ("mla_ref.train", "mla_ref.recovery."),  # training
     ("mla_ref.pipelines.",),  # whole-checkpoint jobs
-    ("mla_ref.cli.", "mla_ref.__main__"),
+    ("mla_ref.cli.", "mla_ref.__main__", "mla_ref.exercises."),  # commands; the lessons' exercise checks
 ]
 
 
