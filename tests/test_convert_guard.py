@@ -9,7 +9,7 @@ import torch
 from mla_ref import checkpoint
 from mla_ref.cli.convert import convert_command
 from mla_ref.convert import METHODS, get_method
-from mla_ref.convert.sizes import engine_sizes
+from mla_ref.convert.methods.base import engine_sizes
 from mla_ref.hf import export_model
 from mla_ref.model import ModelConfig, TinyLM
 from mla_ref.pipelines import ConvertOptions, convert_checkpoint

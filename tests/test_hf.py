@@ -615,10 +615,10 @@ def test_missing_directory_and_bad_options_are_refused(llama_dir, tmp_path, caps
 
 
 def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path, monkeypatch):
-    import mla_ref.pipelines.convert as pipeline
+    from mla_ref.convert.methods.base import Method
 
     calls = []
-    real = pipeline.convert_layer_candidates
+    real = Method.convert_layer
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -626,7 +626,7 @@ def test_interrupted_conversion_leaves_no_output(llama_dir, calib_dir, tmp_path,
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "convert_layer_candidates", failing)
+    monkeypatch.setattr(Method, "convert_layer", failing)
     before = _hashes(llama_dir)
     with pytest.raises(RuntimeError, match="interrupted"):
         convert_checkpoint(llama_dir, tmp_path / "out", _small_options(calib_dir=str(calib_dir)))

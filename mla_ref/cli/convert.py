@@ -9,7 +9,7 @@ import shlex
 
 from mla_ref.cli.common import Parser, run
 from mla_ref.convert.methods import METHODS
-from mla_ref.convert.sizes import PROFILES
+from mla_ref.convert.methods.base import PROFILES
 from mla_ref.convert.stock_form import NORM_MODES
 from mla_ref.dtypes import DTYPES
 from mla_ref.hf.models import EXPORT_FORMATS, export_model

@@ -1,7 +1,6 @@
-"""One GQA-family layer to an exact-form MLA layer, by any of the conversion methods, biases included.
+"""Biased q/k/v layers as bias-free ones: the converters take bias-free layers.
 
-``convert_layer`` calls the converter of the method's entry in ``mla_ref.convert.methods``.  The converters
-take bias-free layers.  A layer with q/k/v biases (Qwen2) is converted as the bias-free layer acting on
+A layer with q/k/v biases (Qwen2) is converted as the bias-free layer acting on
 [x; 1] — each bias is the weight of a constant input, W x + b = [W | b] [x; 1] — with calibration inputs
 extended by a column of ones, and the result's last input column becomes the MLA's biases again (exact):
 ``q_proj`` for the query and ``kv_a_proj_with_mqa`` for the latent and the shared RoPE key.
@@ -12,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.methods import get_method
 from mla_ref.mla import MultiHeadLatentAttention
 
 
@@ -42,37 +40,3 @@ def split_augmented(module: MultiHeadLatentAttention, d_model: int) -> MultiHead
     state["o_proj.bias"] = torch.zeros(d_model)
     result.load_state_dict(state)
     return result
-
-
-@torch.no_grad()
-def convert_layer(
-    attention: GroupedQueryAttention, calibration_inputs: torch.Tensor, method: str, sizes: dict
-) -> MultiHeadLatentAttention:
-    """One GQA-family layer as an exact-form MLA layer (fp32) by ``method`` with ``sizes`` (``Method.sizes``).
-
-    Biases are handled on [x; 1].  Shapes: calibration_inputs (b, s, d_model), the hidden states entering the
-    layer's attention (exact ignores them).
-    """
-    return convert_layer_candidates(attention, calibration_inputs, method, [sizes])[0]
-
-
-@torch.no_grad()
-def convert_layer_candidates(
-    attention: GroupedQueryAttention,
-    calibration_inputs: torch.Tensor,
-    method: str,
-    candidates: list[dict],
-    *,
-    source_output: torch.Tensor | None = None,
-) -> list[MultiHeadLatentAttention]:
-    """``convert_layer`` at each of ``candidates`` (``Method.candidate_sizes``), in order; the method does what the
-    candidates share once (``Method.convert_candidates``).  ``source_output``: ``attention``'s output on the
-    calibration inputs (b, s, d_model), when already computed."""
-    source, inputs = attention, calibration_inputs.float()
-    has_bias = attention.q_proj.bias is not None
-    if has_bias:
-        source = augmented(attention)
-        inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)  # [x; 1]
-        source_output = None  # the layer on [x; 1] has one more output coordinate, and rounds its own way
-    results = get_method(method).convert_candidates(source, inputs, candidates, source_output)
-    return [split_augmented(result, attention.d_model) if has_bias else result for result in results]

@@ -22,7 +22,7 @@ from torch import nn
 
 from mla_ref.convert.exact import gqa_to_mla_exact
 from mla_ref.convert.methods import get_method
-from mla_ref.convert.sizes import plan_sizes
+from mla_ref.convert.methods.base import plan_sizes
 from mla_ref.convert.split_choice import SplitSearch, kl_to_source
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.model import ModelConfig, TinyLM
@@ -130,12 +130,8 @@ def convert_model_by_method(
         model.attention_inputs(calibration_tokens) if calibration_tokens is not None else [None] * len(model.layers)
     )
     for layer, layer_inputs in zip(model.layers, inputs, strict=True):
-        attention = layer.self_attn
-        search.add_layer(
-            attention,
-            layer_inputs,
-            lambda candidates, y, a=attention, x=layer_inputs: chosen.convert_candidates(a, x, candidates, y),
-        )
+        target = search.target(layer.self_attn, layer_inputs)  # y_l, when there is a split to choose
+        search.add_layer(chosen.convert_layer(layer.self_attn, layer_inputs, sizes, target), layer_inputs, target)
     if not search.choosing():
         return _with_layers(model, search.chosen())
     # the whole model at each split, against the source on the calibration tokens; the closest one is returned

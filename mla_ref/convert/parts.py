@@ -93,15 +93,25 @@ def rotate_half_rows(pair_rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([pair_rows[:, 0], pair_rows[:, 1]], dim=0)
 
 
-def assemble_mla(parts: MLAParts, d_model: int) -> MultiHeadLatentAttention:
+def assemble_mla(
+    parts: MLAParts, d_model: int, *, kv_lora_rank: int | None = None, rope_dim: int | None = None
+) -> MultiHeadLatentAttention:
     """Build the MLA module (no latent norm, rotate-half RoPE with the parts' frequency table).
 
-    Weights are written in fp32 on the parts' device; the caller casts as needed.
+    ``kv_lora_rank`` (d_c) and ``rope_dim`` (d_R): the sizes planned for the layer (``Method`` converters pass them
+    down from ``plan_sizes``); the module is built at those, and parts of any other shape are refused.  A size left
+    out (a lesson assembling parts by hand) is the parts' own.  Weights are written in fp32 on the parts' device;
+    the caller casts as needed.
     """
     n_heads, d_nope, _ = parts.query_nope.shape
-    d_rope = parts.key_rope.shape[0]
-    d_latent = parts.latent_down.shape[0]
     d_value = parts.value_up.shape[1]
+    d_latent = parts.latent_down.shape[0] if kv_lora_rank is None else kv_lora_rank
+    d_rope = parts.key_rope.shape[0] if rope_dim is None else rope_dim
+    if (parts.latent_down.shape[0], parts.key_rope.shape[0]) != (d_latent, d_rope):
+        raise ValueError(
+            f"the parts hold a latent of {parts.latent_down.shape[0]} and a roped key of {parts.key_rope.shape[0]} "
+            f"rows, but the layer was planned at d_c = {d_latent}, d_R = {d_rope}"
+        )
     module = MultiHeadLatentAttention(
         d_model,
         n_heads,

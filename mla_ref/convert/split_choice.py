@@ -50,25 +50,25 @@ class SplitSearch:
         self.errors = [[] for _ in self.candidates]
 
     @torch.no_grad()
+    def target(self, source: nn.Module, calibration_inputs: torch.Tensor) -> torch.Tensor | None:
+        """y_l, the source layer's output on the calibration inputs (b, s, d_model), which each converted layer is
+        scored against — None with one candidate, where there is nothing to choose.  A converter may read it too."""
+        if not self.choosing():
+            return None
+        with all_threads():  # a layer's forward: the same result on any number of threads
+            return source(calibration_inputs)  # (b, s, d_model): y_l
+
+    @torch.no_grad()
     def add_layer(
         self,
-        source: nn.Module,
+        modules: list[nn.Module],
         calibration_inputs: torch.Tensor,
-        convert: Callable[[list[dict], torch.Tensor | None], list[nn.Module]],
+        target: torch.Tensor | None,
         keep: Callable[[nn.Module], object] = lambda module: module,
     ) -> None:
-        """Convert one layer at every candidate split, score each, and keep ``keep(module)``.
-
-        ``convert(candidates, target)`` gives one module per split, in order; ``target`` is the source layer's
-        output on the calibration inputs (None with one candidate), for a converter that reads it too.
-        Shapes: calibration_inputs (b, s, d_model), what ``source`` and the converted layers read.  With one
-        candidate there is nothing to choose and no error is measured.
-        """
-        target = None
-        if len(self.candidates) > 1:
-            with all_threads():  # a layer's forward: the same result on any number of threads
-                target = source(calibration_inputs)  # (b, s, d_model): y_l
-        modules = convert(self.candidates, target)
+        """Record one layer converted at every candidate split (``modules``, in the order of ``candidates``): score
+        each against ``target`` (from ``target``; None: no error measured) and keep ``keep(module)``.
+        Shapes: calibration_inputs (b, s, d_model), what the converted layers read."""
         if len(modules) != len(self.candidates):
             raise ValueError(f"convert gave {len(modules)} modules for {len(self.candidates)} candidate splits")
         for k, module in enumerate(modules):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mla_ref.convert.biased import convert_layer_candidates
+from mla_ref.convert.methods import METHODS
 from mla_ref.convert.model import mla_config
 from mla_ref.convert.rope_table import fit_rope_theta, layer_table
 from mla_ref.convert.split_choice import SplitSearch
@@ -103,20 +103,12 @@ def _convert_layers(
     Shapes: hidden (n, s, D), fp32.
     """
     kept = _Layers([], [], [], [])
+    method = METHODS[options.method]
     search = SplitSearch(candidate_sizes)
     for i in tqdm(range(source.config.n_layers), desc="convert", disable=quiet, leave=False):
         block = source.block(i)
         calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
         bound = input_bound(block.input_layernorm.weight)
-
-        def convert(candidates: list[dict], target, attention=block.self_attn, inputs=calibration_inputs, bound=bound):
-            modules = convert_layer_candidates(attention, inputs, options.method, candidates, source_output=target)
-            if options.q_lora_rank is not None:
-                modules = [
-                    low_rank_query(module, inputs, options.q_lora_rank, mode=options.norm, bound=bound)
-                    for module in modules
-                ]
-            return modules
 
         def keep(module, inputs=calibration_inputs, bound=bound):
             fit = None
@@ -127,14 +119,21 @@ def _convert_layers(
                 fit = fit_norm(latent, anchor=anchor_constant(down.weight[:d_c], bias, bound))
             return module.to(dtype), fit
 
+        target = search.target(block.self_attn, calibration_inputs)  # y_l, when there is a split to choose
         with one_thread():  # small dense algebra; its large products take the threads back (mla_ref.threads)
-            search.add_layer(block.self_attn, calibration_inputs, convert, keep)
+            modules = method.convert_layer(block.self_attn, calibration_inputs, candidate_sizes, target)
+            if options.q_lora_rank is not None:
+                modules = [
+                    low_rank_query(module, calibration_inputs, options.q_lora_rank, mode=options.norm, bound=bound)
+                    for module in modules
+                ]
+            search.add_layer(modules, calibration_inputs, target, keep)
         hidden = block(hidden)
         kept.bounds.append(bound)
         kept.rest.append(
             {k: v.to(dtype).clone() for k, v in block.state_dict().items() if not k.startswith("self_attn.")}
         )
-        del block, calibration_inputs
+        del block, calibration_inputs, target, modules
         _release_freed_memory()
     return kept, search, hidden
 

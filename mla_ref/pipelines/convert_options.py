@@ -3,7 +3,7 @@
 ``plan_conversion`` refuses, with one clear error, whatever would fail later — an output format that cannot hold
 the asked dtype, a missing text folder, sizes the source cannot take, a d_R the one RoPE table of a DeepSeek-V3
 config cannot hold, too few calibration tokens for the method — and returns the candidate sizes every layer will be
-converted at (``mla_ref.convert.sizes.plan_sizes``), reading nothing of the source but its config and first layer.
+converted at (``mla_ref.convert.methods.base.plan_sizes``), reading nothing of the source but its config and first layer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from mla_ref import checkpoint
 from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
 from mla_ref.convert.methods import LOSSY_METHODS, METHODS
-from mla_ref.convert.sizes import PROFILES, plan_sizes
+from mla_ref.convert.methods.base import PROFILES, plan_sizes
 from mla_ref.convert.stock_form import NORM_MODES
 from mla_ref.dtypes import DTYPES
 from mla_ref.model import ModelConfig

@@ -4,13 +4,13 @@ Those kernels accept only some shapes: a latent of kv_lora_rank + qk_rope_head_d
 (some builds also 320), no attention biases, the latent RMSNorm (stock DeepSeek-V3 always has it) and
 interleaved RoPE.  A checkpoint outside them is still a correct DeepSeek-V3 checkpoint for ``transformers``;
 ``serving_verdict`` says which constraint it misses.  ``--profile engine`` asks ``convert`` for the 512 + 64
-latent (``mla_ref.convert.sizes.engine_sizes``), which only makes sense for a source whose cache is larger than 576
+latent (``mla_ref.convert.methods.base.engine_sizes``), which only makes sense for a source whose cache is larger than 576
 elements per token and layer.
 """
 
 from __future__ import annotations
 
-from mla_ref.convert.sizes import ENGINE_LATENT, ENGINE_ROPE
+from mla_ref.convert.methods.base import ENGINE_LATENT, ENGINE_ROPE
 from mla_ref.model import ModelConfig
 
 ENGINE_SMALL_LATENT = 320  # accepted by some engine builds only

@@ -12,12 +12,11 @@ a cache budget, its layer converter.
 from __future__ import annotations
 
 from mla_ref._checks import require_choice
-from mla_ref.convert.methods.base import Method
+from mla_ref.convert.methods.base import Method, budget_elements
 from mla_ref.convert.methods.exact import Exact
 from mla_ref.convert.methods.mha2mla import MHA2MLA
 from mla_ref.convert.methods.recipe import Recipe
 from mla_ref.convert.methods.transmla import TransMLA
-from mla_ref.convert.sizes import budget_elements
 
 METHODS: dict[str, Method] = {method.name: method for method in (Exact(), TransMLA(), MHA2MLA(), Recipe())}
 LOSSY_METHODS: tuple[str, ...] = tuple(name for name, method in METHODS.items() if method.lossy)

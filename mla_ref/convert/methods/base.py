@@ -1,21 +1,77 @@
-"""What every conversion method is: its steps, how its sizes follow from a cache budget, and its layer converter.
+"""What every conversion method is: how its sizes follow from a cache budget, its steps, and its layer converter.
 
-A budget is a fraction F of the source's cache per token and layer: B = round(F · 2 n_kv d_h) elements
-(``mla_ref.convert.sizes``), spent on the shared RoPE key (d_R) and the latent (d_c).  Each method file
-(``exact``, ``transmla``, ``mha2mla``, ``recipe``) subclasses ``Method`` with its own rule for that split
-(``split``), any further splits it measures (``other_rope_dims``) and its converter (``convert``).
-``reserve`` elements of B (the one anchored latent coordinate of a stock DeepSeek-V3 output) are taken from d_c,
-so the cache as written meets the budget.
+A budget is a fraction F of the source's cache per token and layer, B = round(F · 2 n_kv d_h) elements
+(``budget_elements``), spent on the shared RoPE key (d_R) and the latent (d_c).  Sizes are planned once for the whole
+model, before any layer is converted (``plan_sizes``): every layer shares the first one's shape, and the plan is
+passed down to the converters as it is.  Each method file (``exact``, ``transmla``, ``mha2mla``, ``recipe``)
+subclasses ``Method`` with its own rule for the split (``split``), any further splits it measures
+(``other_rope_dims``) and its converter (``convert``).  ``reserve`` elements of B (the one anchored latent coordinate
+of a stock DeepSeek-V3 output) are taken from d_c, so the cache as written meets the budget; ``--profile engine``
+gives the serving engines' 512 + 64 instead.
+
+``Method.convert_layer`` is what a whole-model conversion calls for each layer: a layer with q/k/v biases (Qwen2)
+is converted as the bias-free layer acting on [x; 1] (``mla_ref.convert.biased``), so every method handles biases.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mla_ref._checks import require_non_negative_int, require_positive_int
+from mla_ref._checks import require_non_negative_int, require_number, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
-from mla_ref.convert.sizes import budget_elements
+from mla_ref.convert.biased import augmented, split_augmented
 from mla_ref.mla import MultiHeadLatentAttention
+
+ENGINE_LATENT, ENGINE_ROPE = 512, 64  # DeepSeek-V3's own kv_lora_rank and qk_rope_head_dim, what the engines take
+PROFILES: tuple[str, ...] = ("engine",)
+
+
+def even(n: int) -> int:
+    """``n`` rounded down to even: rotary dimensions come in pairs."""
+    return n // 2 * 2
+
+
+def budget_elements(source: GroupedQueryAttention, fraction: float) -> int:
+    """B = round(fraction · 2 n_kv d_h): the cache elements per token and layer a budget allows."""
+    fraction = require_number("budget", fraction, lambda f: 0 < f <= 1, "be a fraction of the source's cache in (0, 1]")
+    return round(fraction * source.cache_elements_per_token())
+
+
+def engine_sizes(source: GroupedQueryAttention, *, reserve: int = 0) -> tuple[int, int]:
+    """(d_c, d_R) = (512 − reserve, 64) for ``--profile engine``; refused where it would not shrink the cache."""
+    elements = source.cache_elements_per_token()
+    if elements <= ENGINE_LATENT + ENGINE_ROPE:
+        raise ValueError(
+            f"--profile engine writes the engines' {ENGINE_LATENT} + {ENGINE_ROPE} latent, but the source caches only "
+            f"{elements} elements per token and layer (2 · {source.n_kv_heads} KV heads · {source.head_dim}): it "
+            "would not save anything. Convert without --profile (the output then loads in transformers, not in the "
+            "engines' MLA kernels)"
+        )
+    return ENGINE_LATENT - reserve, ENGINE_ROPE
+
+
+def plan_sizes(
+    method: Method,
+    source: GroupedQueryAttention,
+    *,
+    budget: float | None = None,
+    kv_lora_rank: int | None = None,
+    rope_dim: int | None = None,
+    reserve: int = 0,
+    profile: str | None = None,
+    **options,
+) -> list[dict]:
+    """The candidate sizes every layer is converted at: one dict of ``method.convert``'s size keywords per split.
+
+    ``source``: any layer's attention (all share the shape).  One entry unless the method measures its split of a
+    budget (``Method.candidate_sizes``).
+    """
+    if profile is not None:
+        kv_lora_rank, rope_dim = engine_sizes(source, reserve=reserve)
+        return [method.sizes(source, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, **options)]
+    return method.candidate_sizes(
+        source, budget=budget, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, reserve=reserve, **options
+    )
 
 
 class Method:
@@ -57,6 +113,30 @@ class Method:
         work that does not depend on the sizes overrides this to do that work once; ``source_output`` (the source
         layer's output on the calibration inputs, when already computed) is for such a method."""
         return [self.convert(source, calibration_inputs, sizes) for sizes in candidates]
+
+    @torch.no_grad()
+    def convert_layer(
+        self,
+        attention: GroupedQueryAttention,
+        calibration_inputs: torch.Tensor | None,
+        candidates: list[dict],
+        source_output: torch.Tensor | None = None,
+    ) -> list[MultiHeadLatentAttention]:
+        """One layer of a model converted at each of ``candidates`` (``plan_sizes``), in order, biases included.
+
+        A layer with q/k/v biases is converted as the bias-free layer on [x; 1] — W x + b = [W | b] [x; 1] — and the
+        last input column of the result becomes the MLA's biases again (``mla_ref.convert.biased``).  Shapes:
+        calibration_inputs (b, s, d_model), the hidden states entering the attention (None for ``exact``);
+        source_output (b, s, d_model), the layer's output on them, when already computed.
+        """
+        inputs = None if calibration_inputs is None else calibration_inputs.float()
+        if attention.q_proj.bias is None:
+            return self.convert_candidates(attention, inputs, candidates, source_output)
+        if inputs is not None:
+            inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)  # [x; 1]
+        # the layer on [x; 1] has one more output coordinate, and rounds its own way: its output is not reused
+        results = self.convert_candidates(augmented(attention), inputs, candidates, None)
+        return [split_augmented(result, attention.d_model) for result in results]
 
     def named_sizes(self, source: GroupedQueryAttention, kv_lora_rank: int, rope_dim: int) -> dict:
         """(d_c, d_R) as the keywords ``convert`` takes."""

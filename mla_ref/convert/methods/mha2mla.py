@@ -120,7 +120,7 @@ def mha2mla_convert(
         covariance = None if svd_basis == "weights" else input_moment(calibration_inputs, source.d_model)
         key_rows = parts.latent_down.shape[0] - n_kv * d_h  # the nope-key rows come first
         parts = svd_low_rank_parts(parts, kv_lora_rank, method=svd, key_rows=key_rows, covariance=covariance)
-    return assemble_mla(parts, source.d_model)
+    return assemble_mla(parts, source.d_model, kv_lora_rank=kv_lora_rank, rope_dim=2 * rope_pairs * n_kv)
 
 
 class MHA2MLA(Method):

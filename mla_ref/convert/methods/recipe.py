@@ -21,11 +21,10 @@ import torch
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.activations import input_moment
 from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric_terms
-from mla_ref.convert.methods.base import Method
+from mla_ref.convert.methods.base import Method, even
 from mla_ref.convert.parts import assemble_mla, check_source
 from mla_ref.convert.refit import REFIT_TOKENS_PER_WEIGHT, refit_in_place
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts
-from mla_ref.convert.sizes import even
 from mla_ref.mla import MultiHeadLatentAttention
 from mla_ref.threads import all_threads
 
@@ -83,7 +82,12 @@ def recipe_convert(
             rotated, calibration_inputs, kv_lora_rank=kv_lora_rank, metric="score", key_weight=key_weight,
             x_moment=x_moment, metric_terms=terms,
         )  # fmt: skip
-        converted, error = refit_in_place(assemble_mla(parts, source.d_model), calibration_inputs, target, ridge)
+        converted, error = refit_in_place(
+            assemble_mla(parts, source.d_model, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
+            calibration_inputs,
+            target,
+            ridge,
+        )
         if error < best_error:
             best, best_error = converted, error
     return best

@@ -16,7 +16,7 @@ import torch
 from mla_ref._checks import require_choice, require_positive_int
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.bkv_pca import LATENT_METRICS, bkv_pca_parts
-from mla_ref.convert.methods.base import Method
+from mla_ref.convert.methods.base import Method, even
 from mla_ref.convert.parts import MLAParts, assemble_mla, check_source
 from mla_ref.convert.rorope import (
     FOLD_FREQUENCIES,
@@ -26,7 +26,6 @@ from mla_ref.convert.rorope import (
     default_rope_dim,
     rorope_parts,
 )
-from mla_ref.convert.sizes import even
 from mla_ref.mla import MultiHeadLatentAttention
 
 
@@ -105,7 +104,7 @@ def transmla_convert(
         metric=metric,
         fold_query=fold_query,
     )
-    return assemble_mla(parts, source.d_model)
+    return assemble_mla(parts, source.d_model, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
 
 
 class TransMLA(Method):
