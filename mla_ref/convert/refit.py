@@ -67,7 +67,8 @@ def refit_in_place(
     """Solve ``refit``'s o_proj in place against ``source_output`` (b, s, d_model).
 
     Returns ``refit`` and its relative output error on the calibration inputs (``output_error``), from the
-    normal equations: ‖Y − Z W‖² = ‖Y‖² − 2⟨W, ZᵀY⟩ + ⟨W, ZᵀZ W⟩, no second pass over the tokens.
+    normal equations: ‖Y − Z W‖² = ‖Y‖² − 2⟨W, ZᵀY⟩ + ⟨W, ZᵀZ W⟩, no second pass over the tokens; the error is
+    also kept as ``refit.calibration_error``, which the split search reads instead of measuring it again.
     """
     target = source_output.flatten(0, 1).double()  # (T, d_model): y_src
     # the forward up to o_proj's input: with o_proj out of the way the module returns the heads' outputs z
@@ -99,7 +100,8 @@ def refit_in_place(
     target_energy = target.pow(2).sum()
     residual = target_energy - 2 * (weight_t * cross).sum() + (weight_t * (gram @ weight_t)).sum()
     norm = source_output.double().pow(2).sum()  # Σ‖y‖², the bias included
-    return refit, (residual.clamp_min(0) / norm).item()
+    refit.calibration_error = (residual.clamp_min(0) / norm).item()  # E_l on these inputs, for the split search
+    return refit, refit.calibration_error
 
 
 @torch.no_grad()

@@ -73,7 +73,10 @@ class SplitSearch:
             raise ValueError(f"convert gave {len(modules)} modules for {len(self.candidates)} candidate splits")
         for k, module in enumerate(modules):
             if target is not None:
-                self.errors[k].append(output_error(module, calibration_inputs, target))
+                # E_l, or the converter's own measure of it against this same target (the recipe's refit solves
+                # its o_proj from ‖y − W_O z‖² and keeps that error, which spares a forward over every token)
+                error = getattr(module, "calibration_error", None)
+                self.errors[k].append(output_error(module, calibration_inputs, target) if error is None else error)
             self.kept[k].append(keep(module))
 
     def mean_errors(self) -> list[float]:

@@ -12,6 +12,7 @@ when complete), so an interrupted write leaves nothing at the target.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -182,6 +183,23 @@ def carried_files(directory: str | os.PathLike) -> list[Path]:
     return [root / name for name in CARRIED_FILES if (root / name).is_file()]
 
 
+@functools.lru_cache(maxsize=4)
+def _read_tokenizer(path: str, _mtime_ns: int, _size: int):
+    """The ``tokenizers`` Tokenizer of ``path``, read once per version of the file (a conversion tokenizes dozens of
+    calibration files with it; reading SmolLM2's 3.5 MB tokenizer.json each time took 0.1 s)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError(
+            f"{str(Path(path).parent)!r} has a tokenizer.json; reading it needs the 'tokenizers' package "
+            "(pip install 'mla_ref[hf]')"
+        ) from None
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as error:  # the tokenizers package raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path!r} is not a tokenizer the 'tokenizers' package reads: {error}") from None
+
+
 def text_tokens(directory: str | os.PathLike, data: torch.Tensor | bytes, vocab_size: int) -> torch.Tensor:
     """Token ids of ``data`` (bytes, or a uint8 tensor of them) for the model in ``directory``.
 
@@ -191,19 +209,8 @@ def text_tokens(directory: str | os.PathLike, data: torch.Tensor | bytes, vocab_
     raw = bytes(data.numpy().tobytes()) if isinstance(data, torch.Tensor) else bytes(data)
     tokenizer_file = Path(directory) / "tokenizer.json"
     if tokenizer_file.is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError(
-                f"{str(directory)!r} has a tokenizer.json; reading it needs the 'tokenizers' package "
-                "(pip install 'mla_ref[hf]')"
-            ) from None
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as error:  # the tokenizers package raises a bare Exception for a file it cannot parse
-            raise ValueError(
-                f"{str(tokenizer_file)!r} is not a tokenizer the 'tokenizers' package reads: {error}"
-            ) from None
+        stat = tokenizer_file.stat()
+        tokenizer = _read_tokenizer(str(tokenizer_file.resolve()), stat.st_mtime_ns, stat.st_size)
         ids = tokenizer.encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False).ids
         tokens = torch.tensor(ids, dtype=torch.long)
     else:
