@@ -169,3 +169,16 @@ def test_a_custom_frequency_table_replaces_the_default():
     torch.testing.assert_close(no_rope(x), expected, **FP32)
     with pytest.raises(ValueError, match="one frequency per rotary pair"):
         GroupedQueryAttention(16, 2, 1, head_dim=8, rope_frequencies=[1.0])
+
+
+def test_many_sequences_run_a_few_at_a_time_with_the_same_result(monkeypatch):
+    import mla_ref.attention as attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(7, 4, 16, 8), torch.randn(7, 2, 16, 8), torch.randn(7, 2, 16, 6)
+    whole = attention.grouped_attention(q, k, v, scale=0.3)  # 7 · 4 · 16² scores: one block
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 2 * 4 * 16 * 16)  # two sequences a block: 4 blocks
+    blocked = attention.grouped_attention(q, k, v, scale=0.3)
+    assert torch.equal(blocked, whole)  # the same products per sequence: the same bits
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 1)
+    torch.testing.assert_close(attention.grouped_attention(q, k, v, scale=0.3), whole, rtol=0, atol=0)
