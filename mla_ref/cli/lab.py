@@ -29,7 +29,7 @@ def train_teacher_parser() -> Parser:
         prog="python -m mla_ref train-teacher",
         description="Train a tiny byte-level teacher on the local corpus and write its checkpoint and TRAINING.md.",
     )
-    p.add_argument("--attention", required=True, choices=("mha", "gqa", "mqa"), help="attention of the teacher")
+    p.add_argument("--attention", required=True, choices=("mha", "gqa", "mqa", "mla"), help="attention of the teacher")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -44,6 +44,8 @@ def train_teacher_parser() -> Parser:
     p.add_argument("--n-heads", type=int, default=ModelConfig.n_heads)
     p.add_argument("--n-kv-heads", type=int, default=None, help="KV heads for --attention gqa (default n_heads/4)")
     p.add_argument("--head-dim", type=int, default=ModelConfig.head_dim)
+    p.add_argument("--kv-lora-rank", type=int, default=None, help="d_c of --attention mla (required with it)")
+    p.add_argument("--rope-dim", type=int, default=None, help="d_R of --attention mla (required with it)")
     p.add_argument("--mlp-hidden", type=int, default=ModelConfig.mlp_hidden)
     p.add_argument("--corpus", default=None, help="folder of text files (default: the Python standard library)")
     p.add_argument("--storage-dtype", choices=tuple(checkpoint.STORAGE_DTYPES), default="bfloat16")
@@ -53,6 +55,25 @@ def train_teacher_parser() -> Parser:
     return p
 
 
+def _mla_sizes(args) -> dict:
+    """The MLA fields of the teacher's config: d_c and d_R as given, d_N = d_v = the head size (as a GQA head's)."""
+    given = args.kv_lora_rank is not None or args.rope_dim is not None
+    if args.attention != "mla":
+        if given:
+            raise ValueError(f"--kv-lora-rank and --rope-dim size an MLA teacher; got --attention {args.attention}")
+        return {}
+    if args.kv_lora_rank is None or args.rope_dim is None:
+        raise ValueError("--attention mla needs --kv-lora-rank (d_c) and --rope-dim (d_R): the latent cache's sizes")
+    require_positive_int("--kv-lora-rank", args.kv_lora_rank)
+    require_positive_int("--rope-dim", args.rope_dim)
+    return dict(
+        kv_lora_rank=args.kv_lora_rank,
+        qk_rope_head_dim=args.rope_dim,
+        qk_nope_head_dim=args.head_dim,
+        v_head_dim=args.head_dim,
+    )
+
+
 def train_teacher_command(argv: list[str] | None = None) -> int:
     """``python -m mla_ref train-teacher --attention mha|gqa --out DIR --steps N --seed S …``"""
 
@@ -60,8 +81,9 @@ def train_teacher_command(argv: list[str] | None = None) -> int:
         out = check_output(args.out, inputs=[args.corpus], overwrite=args.overwrite, name="--out")
         if args.threads is not None:
             torch.set_num_threads(require_positive_int("--threads", args.threads))
-        n_kv = {"mha": None, "mqa": None}.get(args.attention, args.n_kv_heads or max(1, args.n_heads // 4))
+        n_kv = {"mha": None, "mqa": None, "mla": None}.get(args.attention, args.n_kv_heads or max(1, args.n_heads // 4))
         model_config = ModelConfig(
+            **_mla_sizes(args),
             d_model=args.d_model,
             n_layers=args.n_layers,
             n_heads=args.n_heads,
