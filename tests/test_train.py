@@ -203,6 +203,25 @@ def test_train_teacher_command_writes_a_checkpoint_and_its_record(tmp_path, text
     assert train_teacher_command([*argv, "--overwrite"]) == 0
 
 
+
+def test_train_teacher_command_trains_an_mla_teacher_at_the_sizes_given(tmp_path, text_corpus, capsys):
+    out = tmp_path / "mla"
+    argv = ["--attention", "mla", "--kv-lora-rank", "6", "--rope-dim", "4", "--out", str(out), "--steps", "2"]
+    argv += ["--corpus", text_corpus.root, "--d-model", "32", "--n-layers", "1", "--n-heads", "4", "--head-dim", "8"]
+    argv += ["--mlp-hidden", "64", "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "64", "--quiet"]
+    assert train_teacher_command(argv) == 0
+    config = checkpoint.load(out).config
+    assert (config.attention, config.kv_lora_rank, config.qk_rope_head_dim) == ("mla", 6, 4)
+    assert (config.qk_nope_head_dim, config.v_head_dim) == (8, 8)  # d_N = d_v = the head size
+    assert read_record(out)["model_config"]["kv_lora_rank"] == 6
+    capsys.readouterr()
+    rest = ["--out", str(tmp_path / "other"), *argv[8:]]
+    assert train_teacher_command(["--attention", "mla", *rest]) == 2  # no sizes
+    assert "needs --kv-lora-rank (d_c) and --rope-dim (d_R)" in capsys.readouterr().err
+    gqa = ["--attention", "gqa", "--kv-lora-rank", "6", *rest]
+    assert train_teacher_command(gqa) == 2
+    assert "size an MLA teacher; got --attention gqa" in capsys.readouterr().err
+
 def test_eval_command_reports_the_evaluation(tmp_path, text_corpus, capsys):
     model = tiny_model(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
     checkpoint.save(model, tmp_path / "ckpt")
