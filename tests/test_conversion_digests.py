@@ -115,3 +115,23 @@ def test_recover_writes_the_recorded_weights(converted, llama_teacher):
     out = llama_teacher.parent / "recovered"
     report = recover_checkpoint(converted["recipe-0.25"][0], out, RecoverOptions(**RECOVER_OPTIONS), force=True)
     assert_unchanged("recovered", out, report.quality["recovered"].perplexity, RECOVERED)
+
+
+def test_convert_on_a_missing_gpu_is_refused_before_any_work(llama_teacher, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here: --device cuda is allowed")
+    argv = ["convert", str(llama_teacher), str(tmp_path / "out"), "--budget", "0.5", "--device", "cuda"]
+    assert main(argv) == 2
+    assert "--device 'cuda' asked for, but torch sees no CUDA device here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the device path runs only where torch sees a GPU"
+)
+def test_convert_on_the_gpu_matches_the_cpu(converted, llama_teacher):
+    # each layer's solves run on the GPU, whose kernels round differently: the same conversion up to that rounding
+    out = llama_teacher.parent / "recipe-0.25-cuda"
+    report = convert_checkpoint(llama_teacher, out, ConvertOptions(budget=0.25, device="cuda", **SMALL))
+    _, perplexity_on_cpu = converted["recipe-0.25"]
+    assert abs(list(report.quality.values())[-1].perplexity / perplexity_on_cpu - 1) < 0.01

@@ -203,7 +203,6 @@ def test_train_teacher_command_writes_a_checkpoint_and_its_record(tmp_path, text
     assert train_teacher_command([*argv, "--overwrite"]) == 0
 
 
-
 def test_train_teacher_command_trains_an_mla_teacher_at_the_sizes_given(tmp_path, text_corpus, capsys):
     out = tmp_path / "mla"
     argv = ["--attention", "mla", "--kv-lora-rank", "6", "--rope-dim", "4", "--out", str(out), "--steps", "2"]
@@ -221,6 +220,7 @@ def test_train_teacher_command_trains_an_mla_teacher_at_the_sizes_given(tmp_path
     gqa = ["--attention", "gqa", "--kv-lora-rank", "6", *rest]
     assert train_teacher_command(gqa) == 2
     assert "size an MLA teacher; got --attention gqa" in capsys.readouterr().err
+
 
 def test_eval_command_reports_the_evaluation(tmp_path, text_corpus, capsys):
     model = tiny_model(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)

@@ -61,6 +61,9 @@ def convert_parser() -> Parser:
     parser.add_argument("--seq-len", type=int, default=256, help="window length of calibration and evaluation")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="stored weights (default: the source's)")
     parser.add_argument("--format", choices=FORMATS, default="deepseek-v3", help="output layout (default deepseek-v3)")
+    parser.add_argument(
+        "--device", default="cpu", help="where each layer is converted: cpu, cuda or cuda:N (default cpu)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no report on stdout")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser
@@ -88,6 +91,7 @@ def convert_command(argv: list[str] | None = None) -> int:
             calib_extra_tokens=args.calib_extra_tokens,
             eval_tokens=args.eval_tokens,
             seq_len=args.seq_len,
+            device=args.device,
         )
         report = convert_checkpoint(
             args.source,

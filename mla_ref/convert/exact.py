@@ -41,29 +41,30 @@ def exact_parts(source: GroupedQueryAttention) -> MLAParts:
     n_h, n_kv, d_h, m = source.n_heads, source.n_kv_heads, source.head_dim, source.group_size
     half = d_h // 2
     d_model = source.d_model
+    on = dict(device=source.q_proj.weight.device)  # the source's device: the parts are built beside it
     q_pairs = rotary_pairs(source.q_proj.weight.float(), n_h, d_h, source.rope_layout)  # (n_h, d_h/2, 2, D)
     k_pairs = rotary_pairs(source.k_proj.weight.float(), n_kv, d_h, source.rope_layout)  # (n_kv, d_h/2, 2, D)
     # k^R: pair p = g·d_h/2 + j is pair j of KV head g
     key_rope = rotate_half_rows(k_pairs.reshape(n_kv * half, 2, d_model))  # (n_kv·d_h, D)
     # q_i^R: head i's pairs in its group's block, zeros elsewhere
-    query_rope_pairs = torch.zeros(n_h, n_kv, half, 2, d_model)
+    query_rope_pairs = torch.zeros(n_h, n_kv, half, 2, d_model, **on)
     for i in range(n_h):
         query_rope_pairs[i, i // m] = q_pairs[i]
     query_rope = torch.stack(
         [rotate_half_rows(query_rope_pairs[i].reshape(n_kv * half, 2, d_model)) for i in range(n_h)]
     )  # (n_h, n_kv·d_h, D)
     # v_i = W_UV^i c picks block g of c = [V_1 … V_nkv]
-    value_up = torch.zeros(n_h, d_h, n_kv * d_h)
+    value_up = torch.zeros(n_h, d_h, n_kv * d_h, **on)
     for i in range(n_h):
         g = i // m
-        value_up[i, :, g * d_h : (g + 1) * d_h] = torch.eye(d_h)
+        value_up[i, :, g * d_h : (g + 1) * d_h] = torch.eye(d_h, **on)
     frequencies = source_frequencies(source).repeat(n_kv)  # pair p = g·d_h/2 + j has ω_j
     return MLAParts(
-        query_nope=torch.zeros(n_h, 0, d_model),
+        query_nope=torch.zeros(n_h, 0, d_model, **on),
         query_rope=query_rope,
         latent_down=source.v_proj.weight.float().clone(),
         key_rope=key_rope,
-        key_up=torch.zeros(n_h, 0, n_kv * d_h),
+        key_up=torch.zeros(n_h, 0, n_kv * d_h, **on),
         value_up=value_up,
         output=source.o_proj.weight.float().clone(),
         rope_frequencies=tuple(frequencies.tolist()),

@@ -94,7 +94,7 @@ def refit_in_place(
         gram, cross = z.T @ z, z.T @ target  # ZᵀZ (h·d_v, h·d_v), ZᵀY (h·d_v, d_model)
     lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)  # λ, scaled to Z
     # W_Oᵀ = (ZᵀZ + λ I)⁻¹ Zᵀ Y_src
-    weight_t = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
+    weight_t = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
     refit.o_proj.weight.copy_(weight_t.T.to(refit.o_proj.weight.dtype))
     weight_t = refit.o_proj.weight.T.double()  # as stored
     target_energy = target.pow(2).sum()

@@ -26,6 +26,7 @@ weight of a constant input — so every conversion method handles them; the bias
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mla_ref._checks import resolve_device
 from mla_ref.convert.methods import METHODS
 from mla_ref.convert.model import mla_config
 from mla_ref.convert.rope_table import fit_rope_theta, layer_table
@@ -105,8 +107,11 @@ def _convert_layers(
     kept = _Layers([], [], [], [])
     method = METHODS[options.method]
     search = SplitSearch(candidate_sizes)
+    # --device: the layer being converted, the hidden states and every solve there; what is kept goes back to the CPU
+    device = resolve_device(options.device, "--device")
+    hidden = hidden.to(device)
     for i in tqdm(range(source.config.n_layers), desc="convert", disable=quiet, leave=False):
-        block = source.block(i)
+        block = source.block(i).to(device)
         calibration_inputs = block.input_layernorm(hidden[:n_calibration])  # (n_c, s, D): what the layer reads
         bound = input_bound(block.input_layernorm.weight)
 
@@ -117,11 +122,13 @@ def _convert_layers(
                 latent = down(inputs)[..., :d_c].flatten(0, 1)  # (T, d_c), before any norm
                 bias = None if down.bias is None else down.bias[:d_c]
                 fit = fit_norm(latent, anchor=anchor_constant(down.weight[:d_c], bias, bound))
-            return module.to(dtype), fit
+                fit = dataclasses.replace(fit, gain=fit.gain.cpu())
+            return module.to(device="cpu", dtype=dtype), fit
 
         target = search.target(block.self_attn, calibration_inputs)  # y_l, when there is a split to choose
         with one_thread():  # small dense algebra; its large products take the threads back (mla_ref.threads)
             modules = method.convert_layer(block.self_attn, calibration_inputs, candidate_sizes, target)
+            modules = [module.to(device) for module in modules]  # a method that builds on the CPU (partial RoPE)
             if options.q_lora_rank is not None:
                 modules = [
                     low_rank_query(module, calibration_inputs, options.q_lora_rank, mode=options.norm, bound=bound)
@@ -131,11 +138,15 @@ def _convert_layers(
         hidden = block(hidden)
         kept.bounds.append(bound)
         kept.rest.append(
-            {k: v.to(dtype).clone() for k, v in block.state_dict().items() if not k.startswith("self_attn.")}
+            {
+                k: v.to(device="cpu", dtype=dtype, copy=True)
+                for k, v in block.state_dict().items()
+                if not k.startswith("self_attn.")
+            }
         )
         del block, calibration_inputs, target, modules
         _release_freed_memory()
-    return kept, search, hidden
+    return kept, search, hidden.cpu()
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mla_ref import checkpoint
-from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int
+from mla_ref._checks import require_choice, require_non_negative_int, require_positive_int, resolve_device
 from mla_ref.convert.methods import LOSSY_METHODS, METHODS
 from mla_ref.convert.methods.base import PROFILES, plan_sizes
 from mla_ref.convert.stock_form import NORM_MODES
@@ -48,6 +48,7 @@ class ConvertOptions:
     calib_extra_tokens: int | None = None  # tokens from calib_extra_dir; None: as many as calib_tokens
     eval_tokens: int = 4096  # 0 skips the quality report (the written form is still checked on calibration text)
     seq_len: int = 256
+    device: str = "cpu"  # where pass 1 converts each layer: "cpu", "cuda" or "cuda:N" (the rest streams on the CPU)
 
     def __post_init__(self):
         if self.norm is None:
@@ -105,6 +106,7 @@ def plan_conversion(options: ConvertOptions, source, calibration_text: Calibrati
     """Check ``options`` against ``source`` (``mla_ref.hf.sources.open_source``) before any work; return the
     candidate sizes of every layer (all layers share the first one's shape)."""
     _check_output_options(options)
+    resolve_device(options.device, "--device")  # a GPU asked for where there is none: refused before any work
     if calibration_text is not None and options.calib_extra_dir is not None:
         raise ValueError("give calibration_text or a second calibration folder (calib_extra_dir), not both")
     for folder in (options.calib_dir, options.calib_extra_dir):
