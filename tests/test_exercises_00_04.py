@@ -1,0 +1,141 @@
+"""The exercises of lessons 00–04: for each, a right answer passes, a plausible wrong one is refused with a reason,
+and the placeholder None is reported as not answered yet."""
+
+import copy
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+from mla_ref.exercises import check_exercise
+
+# ---- lesson 01 ----------------------------------------------------------------------------------------------------
+
+
+def prefill_in_chunks(attn, x, sizes):
+    cache, pieces, lengths, start = attn.new_cache(), [], [], 0
+    with torch.no_grad():
+        for size in sizes:
+            pieces.append(attn(x[:, start : start + size], cache))
+            lengths.append(cache.length)
+            start += size
+    return torch.cat(pieces, dim=1), lengths
+
+
+def prefill_in_chunks_fresh_cache_each(attn, x, sizes):
+    # wrong: every chunk starts a new cache, so later chunks do not see the earlier tokens
+    pieces, lengths, start, total = [], [], 0, 0
+    with torch.no_grad():
+        for size in sizes:
+            pieces.append(attn(x[:, start : start + size], attn.new_cache()))
+            start += size
+            total += size
+            lengths.append(total)
+    return torch.cat(pieces, dim=1), lengths
+
+
+def head_terms(attn, x):
+    terms = []
+    for i in range(attn.n_heads):
+        only_i = copy.deepcopy(attn)
+        keep = torch.zeros_like(only_i.o_proj.weight)
+        keep[:, i * attn.head_dim : (i + 1) * attn.head_dim] = 1.0
+        with torch.no_grad():
+            only_i.o_proj.weight.mul_(keep)
+            terms.append(only_i(x))
+    return terms
+
+
+def without_head(attn, head):
+    without = copy.deepcopy(attn)
+    with torch.no_grad():
+        without.o_proj.weight[:, head * attn.head_dim : (head + 1) * attn.head_dim] = 0.0
+    return without
+
+
+def remove_loudest_head(attn, x):
+    terms = head_terms(attn, x)
+    loudest = max(range(attn.n_heads), key=lambda i: terms[i].norm().item())
+    return loudest, without_head(attn, loudest)
+
+
+def remove_quietest_head(attn, x):
+    terms = head_terms(attn, x)
+    quietest = min(range(attn.n_heads), key=lambda i: terms[i].norm().item())
+    return quietest, without_head(attn, quietest)
+
+
+def remove_loudest_head_in_place(attn, x):
+    loudest, _ = remove_loudest_head(attn, x)
+    with torch.no_grad():
+        attn.o_proj.weight[:, loudest * attn.head_dim : (loudest + 1) * attn.head_dim] = 0.0
+    return loudest, attn
+
+
+def remove_loudest_head_rows(attn, x):
+    # wrong: zeroes the head's rows of o_proj.weight (output features), not its columns
+    loudest, _ = remove_loudest_head(attn, x)
+    without = copy.deepcopy(attn)
+    with torch.no_grad():
+        without.o_proj.weight[loudest * attn.head_dim : (loudest + 1) * attn.head_dim] = 0.0
+    return loudest, without
+
+
+RIGHT = {
+    "01.1": 3 * 7 * 2 * 6 * 8 * 2,
+    "01.2": prefill_in_chunks,
+    "01.3": remove_loudest_head,
+}
+
+WRONG = [
+    ("01.1", 3 * 7 * 6 * 8 * 2, "a key and a value"),
+    ("01.1", 3 * 7 * 2 * 6 * 8 * 4, "2 bytes, not 4"),
+    ("01.1", 7 * 2 * 6 * 8 * 2, "b = 3 sequences"),
+    ("01.1", 4000, "times your prediction"),
+    ("01.1", "4032", "an int"),
+    ("01.2", prefill_in_chunks_fresh_cache_each, "same cache"),
+    ("01.2", lambda attn, x, sizes: prefill_in_chunks(attn, x, sizes)[0], "return a pair"),
+    ("01.2", 3, "a function"),
+    ("01.3", remove_quietest_head, "not the loudest"),
+    ("01.3", remove_loudest_head_in_place, "changed attn itself"),
+    ("01.3", remove_loudest_head_rows, "columns"),
+]
+
+
+@pytest.mark.parametrize("key", sorted(RIGHT))
+def test_a_right_answer_passes(key, capsys):
+    assert check_exercise(key, RIGHT[key]) is True
+    assert f"exercise {key}: right" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("key", "answer", "reason"), WRONG, ids=[f"{key}-{reason}" for key, _, reason in WRONG])
+def test_a_wrong_answer_is_refused_with_its_reason(key, answer, reason):
+    with pytest.raises(AssertionError, match=f"exercise {key}: not right yet: .*{reason}"):
+        check_exercise(key, answer)
+
+
+@pytest.mark.parametrize("key", sorted(RIGHT))
+def test_none_is_not_answered_yet(key, capsys):
+    assert check_exercise(key, None) is False
+    assert f"exercise {key}: not answered yet" in capsys.readouterr().out
+
+
+def test_every_exercise_of_lessons_00_to_04_is_tested():
+    from mla_ref.exercises import _CHECKS
+
+    lessons = ("00", "01", "02", "03", "04")
+    for lesson in lessons:
+        if importlib.util.find_spec(f"mla_ref.exercises.lesson_{lesson}") is not None:
+            importlib.import_module(f"mla_ref.exercises.lesson_{lesson}")  # registers its checks
+    registered = {key for key in _CHECKS if key[:2] in lessons}
+    assert registered == set(RIGHT)
+    assert {key for key, _, _ in WRONG} == set(RIGHT)
+
+
+def test_a_check_leaves_the_callers_random_state_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_exercise("01.1", RIGHT["01.1"])
+    assert torch.equal(torch.rand(3), expected)
