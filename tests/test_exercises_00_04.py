@@ -83,12 +83,25 @@ def remove_loudest_head_rows(attn, x):
 
 
 RIGHT = {
+    "02.1": ([0, 1, 2, 3], 5),
+    "02.2": [6, 7, 8],
+    "02.3": {8: True, 4: True, 2: True, 1: False},
     "01.1": 3 * 7 * 2 * 6 * 8 * 2,
     "01.2": prefill_in_chunks,
     "01.3": remove_loudest_head,
 }
 
 WRONG = [
+    ("02.1", ([0, 1, 2, 3, 4, 6, 7], 5), "change too"),
+    ("02.1", ([0, 1, 2], 5), "stay exact"),
+    ("02.1", ([0, 1, 2, 3], 4), "not the most changed"),
+    ("02.1", [0, 1, 2, 3], "a pair"),
+    ("02.2", [2, 6, 10], "not i mod n_kv"),
+    ("02.2", [4, 5, 6, 7], "not the silent ones"),
+    ("02.2", 6, "list of head numbers"),
+    ("02.3", {8: True, 4: False, 2: True, 1: False}, "n_kv = 4 is exact"),
+    ("02.3", {8: True, 4: True, 2: True, 1: True}, "n_kv = 1 is not exact"),
+    ("02.3", {4: True, 2: True, 1: False}, "a dict"),
     ("01.1", 3 * 7 * 6 * 8 * 2, "a key and a value"),
     ("01.1", 3 * 7 * 2 * 6 * 8 * 4, "2 bytes, not 4"),
     ("01.1", 7 * 2 * 6 * 8 * 2, "b = 3 sequences"),
