@@ -7,7 +7,9 @@ import importlib.util
 
 import pytest
 import torch
+from einops import rearrange
 
+from mla_ref import apply_rope
 from mla_ref.exercises import check_exercise
 
 # ---- lesson 01 ----------------------------------------------------------------------------------------------------
@@ -82,7 +84,52 @@ def remove_loudest_head_rows(attn, x):
     return loudest, without
 
 
+# ---- lesson 03 ----------------------------------------------------------------------------------------------------
+
+
+def rms_norm(v, norm):
+    return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def mla_output_at_scale(attn, x, scale):
+    # lesson 03's naive MLA forward from the equations, with the softmax scale given
+    n_h, d_c, d_n = attn.n_heads, attn.kv_lora_rank, attn.qk_nope_head_dim
+    positions = torch.arange(x.shape[1])
+    rope = dict(theta=attn.rope_theta, layout=attn.rope_layout)
+    w_dkv_kr = attn.kv_a_proj_with_mqa.weight.T
+    c, k_r = x @ w_dkv_kr[:, :d_c], apply_rope(x @ w_dkv_kr[:, d_c:], positions, **rope)
+    if attn.latent_norm:
+        c = rms_norm(c, attn.kv_a_layernorm)
+    w_ukv = rearrange(attn.kv_b_proj.weight.T, "c (h e) -> h c e", h=n_h)
+    k_n = torch.einsum("btc,hcd->bhtd", c, w_ukv[..., :d_n])
+    v = torch.einsum("btc,hcd->bhtd", c, w_ukv[..., d_n:])
+    if attn.q_lora_rank is None:
+        q_in, w_q = x, attn.q_proj.weight.T
+    else:
+        q_in, w_q = rms_norm(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm), attn.q_b_proj.weight.T
+    q = torch.einsum("bsi,hie->bhse", q_in, rearrange(w_q, "i (h e) -> h i e", h=n_h))
+    q_n, q_r = q[..., :d_n], apply_rope(q[..., d_n:], positions, **rope)
+    scores = (q_n @ k_n.transpose(-1, -2) + q_r @ k_r[:, None].transpose(-1, -2)) * scale
+    future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(diagonal=1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    w_o = rearrange(attn.o_proj.weight.T, "(h e) o -> h e o", h=n_h)
+    return torch.einsum("bhsd,hdo->bso", probs @ v, w_o)
+
+
+def mla_output_scaling_only_the_position_free_part(attn, x, scale):
+    # wrong: the rotary part of the score keeps the module's own scale
+    n_h, d_n = attn.n_heads, attn.qk_nope_head_dim
+    rescaled = copy.deepcopy(attn)
+    with torch.no_grad():
+        w = rearrange(rescaled.q_b_proj.weight, "(h e) i -> h e i", h=n_h)
+        w[:, :d_n] *= scale / attn.softmax_scale
+    return rescaled(x, path="naive")
+
+
 RIGHT = {
+    "03.1": {"a": 28, "b": 16, "c": 64},
+    "03.2": mla_output_at_scale,
+    "03.3": 44,
     "02.1": ([0, 1, 2, 3], 5),
     "02.2": [6, 7, 8],
     "02.3": {8: True, 4: True, 2: True, 1: False},
@@ -92,6 +139,16 @@ RIGHT = {
 }
 
 WRONG = [
+    ("03.1", {"a": 28, "b": 28, "c": 64}, "above n_h · d_N"),
+    ("03.1", {"a": 28, "b": 16, "c": 96}, "above d"),
+    ("03.1", {"a": 20, "b": 16, "c": 64}, "smallest of d_c"),
+    ("03.1", [28, 16, 64], "a dict"),
+    ("03.2", lambda attn, x, scale: attn(x, path="naive"), "not the layer's output with that softmax scale"),
+    ("03.2", mla_output_scaling_only_the_position_free_part, "rotary parts alike"),
+    ("03.2", lambda attn, x, scale: mla_output_at_scale(attn, x, scale)[0], "return the \\(b, T, d\\) output"),
+    ("03.3", 43, "too small"),
+    ("03.3", 60, "look for a smaller one"),
+    ("03.3", 44.0, "an int"),
     ("02.1", ([0, 1, 2, 3, 4, 6, 7], 5), "change too"),
     ("02.1", ([0, 1, 2], 5), "stay exact"),
     ("02.1", ([0, 1, 2, 3], 4), "not the most changed"),
