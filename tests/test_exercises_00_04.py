@@ -126,7 +126,27 @@ def mla_output_scaling_only_the_position_free_part(attn, x, scale):
     return rescaled(x, path="naive")
 
 
+# ---- lesson 04 ----------------------------------------------------------------------------------------------------
+
+
+def absorb_query(attn, same_key_map_for_every_head=False):
+    n_h, d_n = attn.n_heads, attn.qk_nope_head_dim
+    w_q_nope = rearrange(attn.q_proj.weight, "(h e) m -> h m e", h=n_h)[..., :d_n]  # W_Q^{N,i}: (n_h, d, d_N)
+    w_uk = rearrange(attn.kv_b_proj.weight, "(h e) c -> h c e", h=n_h)[..., :d_n]  # W_UK^i: (n_h, d_c, d_N)
+    if same_key_map_for_every_head:  # wrong: head 0's W_UK for all
+        w_uk = w_uk[:1].expand_as(w_uk)
+    return torch.einsum("hmn,hcn->hmc", w_q_nope, w_uk)
+
+
+V3_MERGED = 128 * 512 * 7168
+V3_FACTORED = 128 * 512 * 128 + 128 * 128 * 7168
+
+
 RIGHT = {
+    "04.1": absorb_query,
+    "04.2": (V3_MERGED, V3_FACTORED),
+    "04.3": 135,
+    "04.4": [0],
     "03.1": {"a": 28, "b": 16, "c": 64},
     "03.2": mla_output_at_scale,
     "03.3": 44,
@@ -139,6 +159,18 @@ RIGHT = {
 }
 
 WRONG = [
+    ("04.1", lambda attn: attn.absorbed_query_proj(), "mind the orientation"),
+    ("04.1", lambda attn: absorb_query(attn, same_key_map_for_every_head=True), "differs from q_i\\^N"),
+    ("04.1", torch.zeros(3, 48, 20), "a function"),
+    ("04.2", (V3_MERGED // 128, V3_FACTORED), "one head's"),
+    ("04.2", (V3_MERGED, 128 * 128 * 7168), "W_UV holds"),
+    ("04.2", V3_MERGED, "a pair of ints"),
+    ("04.3", 134, "still below"),
+    ("04.3", 136, "already reached"),
+    ("04.3", 135.5, "a positive int"),
+    ("04.4", [7], "lost R_t"),
+    ("04.4", [], "only where R_t is the identity"),
+    ("04.4", 0, "a list of positions"),
     ("03.1", {"a": 28, "b": 28, "c": 64}, "above n_h · d_N"),
     ("03.1", {"a": 28, "b": 16, "c": 96}, "above d"),
     ("03.1", {"a": 20, "b": 16, "c": 64}, "smallest of d_c"),
