@@ -112,7 +112,7 @@ def gradient_of_the_soft_term(answer) -> str:
         if not torch.allclose(got, truth, rtol=1e-4, atol=1e-7):
             error = float((got - truth).abs().max())
             raise AssertionError(
-                f"at τ = {tau}, {n} positions, {v} classes, the gradient is off by up to {error:.3g} "
+                f"at τ = {tau:g}, {n} positions, {v} classes, the gradient is off by up to {error:.3g} "
                 f"(autograd of distillation_loss){_why_off(got, truth, tau, n)}"
             )
         tried.append(tau)
