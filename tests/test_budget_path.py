@@ -10,7 +10,6 @@ visit the modules of ``BUDGET_PATH`` in that order, none of them twice and none 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 

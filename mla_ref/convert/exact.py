@@ -11,10 +11,10 @@ The GQA cache [K_1 … K_nkv, V_1 … V_nkv] is read as MLA's cache:
 
 Cache per token: d_c + d_R = 2 · n_kv · d_h, exactly GQA's.  TransMLA's paper draws the same identity
 with the keys inside the latent and RoPE after the up-projection; here the keys sit in DeepSeek's
-roped slot instead, which keeps the layer absorbable (lesson 05).
+roped slot instead, which keeps the layer absorbable (lesson 06).
 
 The converse fails: an MLA's per-head keys c W_UK^i span up to d_c directions, while a GQA layer at
-the same cache has only n_kv distinct key heads (lesson 06 checks the rank numerically).
+the same cache has only n_kv distinct key heads (lesson 07 checks the rank numerically).
 """
 
 from __future__ import annotations

@@ -1,70 +1,118 @@
-"""Checks of lesson 05's exercises (notebooks/05_decoupled_rope.ipynb): RoPE against absorption, and RoPE layouts.
+"""Checks of lesson 05's exercises (notebooks/05_profiling_kv_cache_savings.ipynb): how many query heads put absorbed
+MLA's attention at a device's ridge, and what a decode step's bytes allow at a stated copy rate.
 
-Each check builds its own vectors and weights and computes the truth with ``mla_ref.rope.apply_rope``; nothing is
-compared against a number typed in here.
+Every check counts with ``mla_ref.roofline.decode_step_cost`` on modules built on the meta device (shapes only).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from mla_ref.attention import GroupedQueryAttention
 from mla_ref.exercises import exercise
-from mla_ref.measures import relative_error
-from mla_ref.rope import apply_rope
+from mla_ref.mla import MultiHeadLatentAttention
+from mla_ref.roofline import decode_step_cost
 
-# fp32 scores of size ~1-10 from angles formed in fp32 at positions ≤ 40: a right answer is within ~1e-5
-_SCORE_TOLERANCE = 1e-4
+# Exercise 08.2: Llama-3-8B's attention layers, a batch at a long context, in bf16, on a stated copy rate
+LLAMA_8B_LAYERS = 32
+BATCH, CONTEXT, DTYPE = 8, 32_768, "bf16"
+COPY_RATE = 3.35e12  # bytes per second: an H100's memory bandwidth, stated in the exercise
+
+# Exercise 08.1: DeepSeek's cache in bf16 against the practical ridge FlashMLA's authors give for an H800
+RIDGE = 865e12 / 3.35e12  # FLOPs per byte
 
 
-@exercise("05.1")
-def absorbed_matrix_at_a_gap(answer) -> str:
-    """``answer(w_uk, gap)`` -> A (d_h, d_c) with (q A) · c = RoPE_m(q) · RoPE_n(c W_UK) whenever m − n = gap."""
-    assert callable(answer), f"the answer is a function (w_uk, gap) -> A_gap, got {type(answer).__name__}"
-    generator = torch.Generator().manual_seed(5)
-    d_latent, d_head = 6, 16
-    w_uk = torch.randn(d_latent, d_head, generator=generator) / d_latent**0.5  # W_UK: (d_c, d_h)
-    query = torch.randn(d_head, generator=generator)  # (d_h,)
-    latents = torch.randn(10, d_latent, generator=generator)  # (t, d_c)
-    for gap in (0, 1, 3, 16):
-        matrix = answer(w_uk.clone(), gap)
-        assert isinstance(matrix, torch.Tensor), f"at gap {gap} the function returned {type(matrix).__name__}"
-        assert tuple(matrix.shape) == (d_head, d_latent), (
-            f"A must have shape (d_h, d_c) = {(d_head, d_latent)}, got {tuple(matrix.shape)} at gap {gap}"
-        )
-        absorbed = latents @ (query @ matrix.float())  # (q A) · c_n for every latent: (t,)
-        for m in (gap, gap + 5, 40):
-            n = m - gap
-            q_rotated = apply_rope(query[None], torch.tensor([m]))[0]  # RoPE_m(q)
-            keys = apply_rope(latents @ w_uk, torch.full((len(latents),), n))  # RoPE_n(c W_UK): (t, d_h)
-            truth = keys @ q_rotated
-            error = relative_error(absorbed, truth)
-            if error > _SCORE_TOLERANCE:
-                hint = " — right at gap 0, so the matrix must depend on the gap: what is R_m R_nᵀ?" if gap > 0 else ""
-                raise AssertionError(
-                    f"with a query at position {m} and keys at {n} (gap {gap}) the scores (q A)·c are off by a "
-                    f"relative error {error:.2g}{hint}"
-                )
-    return "(q A_gap) · c equals RoPE_m(q) · RoPE_n(c W_UK) at gaps 0, 1, 3 and 16, wherever the pair sits"
+def _number(value, what: str) -> float:
+    assert isinstance(value, int | float) and not isinstance(value, bool), (
+        f"{what} must be a number, got {type(value).__name__}"
+    )
+    assert math.isfinite(value) and value > 0, f"{what} must be a finite positive number, got {value!r}"
+    return float(value)
+
+
+def _llama_8b_layers() -> dict[str, torch.nn.Module]:
+    with torch.device("meta"):  # counted, never run
+        return {
+            "GQA": GroupedQueryAttention(4096, 32, 8, head_dim=128),
+            "MLA": MultiHeadLatentAttention(
+                4096, 32, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+            ),
+        }
+
+
+def _why_off(ratio: float) -> str:
+    """A hint for an answer that is ``ratio`` times the truth, from the slips this question invites."""
+    hints = (
+        (1 / BATCH, f"that is one sequence's rate: every step gives each of the {BATCH} sequences a token"),
+        (BATCH, "a step gives each sequence one token, so the batch makes b tokens per step, not b² or b per token"),
+        (float(LLAMA_8B_LAYERS), f"a step reads all {LLAMA_8B_LAYERS} layers, not one"),
+        (0.5, "in bf16 an element is 2 bytes (4 would be fp32)"),
+        (2.0, "in bf16 an element is 2 bytes, not 1"),
+    )
+    for factor, hint in hints:
+        if abs(ratio / factor - 1) < 0.02:
+            return f" ({hint})"
+    return ""
 
 
 @exercise("05.2")
-def rows_a_layout_mix_leaves_right(answer) -> str:
-    """The query positions (of a 6-token prompt) whose score rows survive rotating q^R in the other layout."""
-    try:
-        claimed = {int(position) for position in answer}
-    except TypeError:
-        raise AssertionError(f"the answer is a list of positions, got {type(answer).__name__}") from None
-    positions = range(6)
-    assert claimed <= set(positions), f"the prompt holds positions 0 … 5, got {sorted(claimed)}"
-    generator = torch.Generator().manual_seed(5)
-    q_rope = torch.randn(64, 6, 8, generator=generator)  # many q^R rows (d_R = 8) at positions 0 … 5
-    at = torch.arange(6)
-    interleaved = apply_rope(q_rope, at, layout="interleaved")  # how the module rotates
-    rotate_half = apply_rope(q_rope, at, layout="rotate_half")  # the mix-up
-    # a row of scores against the same stored keys is unchanged exactly when the rotated query row is
-    right = {p for p in positions if torch.allclose(rotate_half[:, p], interleaved[:, p], rtol=1e-6, atol=1e-6)}
-    wrong_rows = sorted(claimed - right)
-    missed = sorted(right - claimed)
-    assert not wrong_rows, f"row {wrong_rows[0]} changes: there the two layouts rotate different coordinates together"
-    assert not missed, f"row {missed[0]} stays right, but is not in your answer"
-    return f"only the rows at positions {sorted(right)} stay right: a rotation by angle 0 is the same in any layout"
+def tokens_per_second_at_the_copy_rate(answer) -> str:
+    """{"GQA": tokens/s, "MLA": tokens/s}: batch tokens per second if a step took exactly its bytes / COPY_RATE."""
+    assert isinstance(answer, dict) and set(answer) == {"GQA", "MLA"}, (
+        'the answer is a dict {"GQA": tokens per second, "MLA": tokens per second}'
+    )
+    truth = {}
+    for name, layer in _llama_8b_layers().items():
+        cost = decode_step_cost(layer, BATCH, CONTEXT, DTYPE)  # one layer: its weights and its cache, once
+        seconds = LLAMA_8B_LAYERS * cost.bytes / COPY_RATE  # a step reads every layer
+        truth[name] = BATCH / seconds  # each step makes one token for each sequence
+    for name, expected in truth.items():
+        got = _number(answer[name], f"answer[{name!r}]")
+        assert abs(got / expected - 1) <= 0.01, (
+            f"{name}: {got:,.0f} tokens/s is not what its bytes allow at {COPY_RATE:.3g} B/s: "
+            f"{expected:,.0f}{_why_off(got / expected)}"
+        )
+    return (
+        f"GQA {truth['GQA']:,.0f} and MLA {truth['MLA']:,.0f} tokens/s "
+        f"({truth['MLA'] / truth['GQA']:.2f}x): decode_step_cost's bytes of {LLAMA_8B_LAYERS} layers at the copy rate"
+    )
+
+
+def _attention_intensity(n_heads: int) -> float:
+    """Attention FLOPs per cache byte of an absorbed decode step with DeepSeek's cache (512 + 64) in bf16."""
+    with torch.device("meta"):
+        layer = MultiHeadLatentAttention(
+            1024, n_heads, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+        )
+    cost = decode_step_cost(layer, 1, 4096, "bf16")
+    return cost.attention_flops / cost.cache_bytes
+
+
+@exercise("05.1")
+def heads_at_the_ridge(answer) -> str:
+    """The smallest n_h whose absorbed attention (d_c = 512, d_R = 64, bf16) has RIDGE FLOPs per cache byte."""
+    assert isinstance(answer, int) and not isinstance(answer, bool), (
+        f"the answer is a number of heads, an int; got {type(answer).__name__}"
+    )
+    assert answer >= 1, f"a layer has at least one head, got {answer}"
+    # the intensity is proportional to n_h: find the first n_h at the ridge, then confirm it and its predecessor
+    smallest = math.ceil(RIDGE / _attention_intensity(1))
+    while _attention_intensity(smallest) < RIDGE:
+        smallest += 1
+    while smallest > 1 and _attention_intensity(smallest - 1) >= RIDGE:
+        smallest -= 1
+    at_answer = _attention_intensity(answer)
+    assert at_answer >= RIDGE, (
+        f"at n_h = {answer} the absorbed attention does {at_answer:.1f} FLOPs per cache byte, below the ridge "
+        f"{RIDGE:.1f}: it is still held by its bytes"
+    )
+    assert answer == smallest, (
+        f"n_h = {answer} reaches the ridge, but so does n_h = {answer - 1} "
+        f"({_attention_intensity(answer - 1):.1f} FLOPs per byte ≥ {RIDGE:.1f}): not the smallest"
+    )
+    return (
+        f"n_h = {smallest}: {_attention_intensity(smallest):.1f} FLOPs per cache byte ≥ {RIDGE:.1f}, "
+        f"n_h = {smallest - 1}: {_attention_intensity(smallest - 1):.1f} (decode_step_cost)"
+    )

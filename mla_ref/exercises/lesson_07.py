@@ -1,139 +1,217 @@
-"""Checks of lesson 07's exercises (notebooks/07_mha2mla_partial_rope_and_svd.ipynb): which rotary pairs can lose
-RoPE, SVD_split, how small a latent can be.
+"""Checks of lesson 07's exercises (notebooks/07_gqa_is_a_special_mla.ipynb): PCA, RoRoPE, BKV-PCA, the split of
+a cache budget.
 
-The checks that ask about the MHA teacher repeat the lesson's setup (``_layer_zero``: the shipped teacher's first
-attention layer and the hidden states that enter it on the lesson's 16 calibration windows of 128 training bytes)
-and compute the truth from the package's conversion functions.
+The checks that ask about the GQA teacher repeat the lesson's setup (``_lesson``: the shipped teacher, 16
+calibration windows of 128 training bytes drawn with seed 0, the first 512 validation bytes held out) and compute
+the truth from the package's conversion functions.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
-from mla_ref import GroupedQueryAttention, checkpoint
-from mla_ref.convert import assemble_mla, partial_rope_parts, select_rotary_pairs, svd_low_rank_parts
-from mla_ref.data import load_corpus
+from mla_ref import checkpoint
+from mla_ref.attention import GroupedQueryAttention
+from mla_ref.convert import (
+    bkv_pca_parts,
+    key_value_balance,
+    rorope_basis,
+    rorope_parts,
+    select_rope_components,
+    transmla_convert,
+)
+from mla_ref.data import load_corpus, random_batch, validation_windows
 from mla_ref.exercises import exercise
 from mla_ref.measures import relative_error
-from mla_ref.rope import inverse_frequencies
+from mla_ref.rope import apply_rope
 from mla_ref.train import TEACHERS_DIR
 
 
+@dataclass
+class _Lesson:
+    layers: list[GroupedQueryAttention]  # the teacher's attention layers
+    calibration: list[torch.Tensor]  # per layer: (16, 128, d), the hidden states entering it on calibration text
+    held_out: list[torch.Tensor]  # per layer: (4, 128, d), on the first 512 validation bytes
+    targets: list[torch.Tensor]  # per layer: its output on held_out
+
+
 @functools.cache
-def _layer_zero() -> tuple[GroupedQueryAttention, torch.Tensor, torch.Tensor]:
-    """The MHA teacher's first attention layer, its calibration inputs (16, 128, d) and its output on them."""
-    teacher = checkpoint.load(TEACHERS_DIR / "mha")
+def _lesson() -> _Lesson:
+    """Lesson 07's teacher and data, as its section 3 builds them."""
+    teacher = checkpoint.load(TEACHERS_DIR / "gqa")
     corpus = load_corpus()
-    starts = torch.randint(0, corpus.train.numel() - 128, (16,), generator=torch.Generator().manual_seed(0))
-    tokens = corpus.train[starts[:, None] + torch.arange(128)].long()  # the lesson's calibration windows
-    source = teacher.layers[0].self_attn
-    inputs = teacher.attention_inputs(tokens)[0]
+    calibration_tokens, _ = random_batch(corpus.train, 16, 128, torch.Generator().manual_seed(0))
+    held_out_tokens = validation_windows(corpus.val, 128, 512)[:, :-1]
+    layers = [layer.self_attn for layer in teacher.layers]
+    held_out = teacher.attention_inputs(held_out_tokens)
     with torch.no_grad():
-        return source, inputs, source(inputs)
+        targets = [attention(h) for attention, h in zip(layers, held_out, strict=True)]
+    return _Lesson(layers, teacher.attention_inputs(calibration_tokens), held_out, targets)
 
 
-@torch.no_grad()
-def _error(parts) -> float:
-    """Relative output error of the MLA built from ``parts`` against layer 0, on its calibration inputs."""
-    source, inputs, expected = _layer_zero()
-    return relative_error(assemble_mla(parts, source.d_model)(inputs), expected)
-
-
-def _require_int(answer, what: str) -> int:
-    assert isinstance(answer, int) and not isinstance(answer, bool), f"the answer is {what} (an int), got {answer!r}"
-    return answer
+def _correlated_samples(seed: int, n: int, p: int, decay: float) -> torch.Tensor:
+    """n centred fp64 samples of a p-vector whose principal variances fall by ``decay`` decades: (n, p)."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(p, p, generator=generator, dtype=torch.float64)
+    mixing = mixing * torch.logspace(0, -decay, p, dtype=torch.float64)[:, None]
+    x = torch.randn(n, p, generator=generator, dtype=torch.float64) @ mixing
+    return x - x.mean(dim=0)
 
 
 @exercise("07.1")
-def slow_pairs_that_can_lose_rope(answer) -> str:
-    """The most slowest pairs whose rotation layer 0 can drop (S_high, r = 16 − k) with its output error below 0.05."""
-    source, _, _ = _layer_zero()
-    half = source.head_dim // 2
-    k = _require_int(answer, f"a number of pairs in [0, {half}]")
-    assert 0 <= k <= half, f"k must lie in [0, {half}], got {k}"
+def directions_for_a_share(answer) -> str:
+    """``answer(eigenvalues, kept)`` -> the smallest k whose top-k principal directions keep ``kept`` of E‖x‖²."""
+    assert callable(answer), f"the answer is a function (eigenvalues, kept) -> k, got {type(answer).__name__}"
+    tried = 0
+    for seed, p, decay in ((0, 8, 1.5), (1, 12, 3.0), (2, 6, 0.5)):
+        x = _correlated_samples(seed, 4096, p, decay)
+        eigenvalues = torch.linalg.eigvalsh(x.T @ x / x.shape[0]).flip(0)  # descending
+        directions = torch.linalg.svd(x, full_matrices=False).Vh  # rows: the principal directions, by the SVD
+        total = x.pow(2).sum()
 
-    def error(dropped):  # the 16 − dropped fastest pairs keep RoPE, the `dropped` slowest lose it
-        return _error(partial_rope_parts(source, select_rotary_pairs(source, half - dropped, "high")))
+        def left(k, x=x, directions=directions, total=total):  # share of ‖X‖² the top k directions leave out
+            top = directions[:k].T  # (p, k)
+            return ((x - x @ top @ top.T).pow(2).sum() / total).item()
 
-    at_k = error(k)
-    assert at_k < 0.05, f"dropping the rotation of the {k} slowest pairs gives an output error of {at_k:.3f}"
-    if k < half:
-        one_more = error(k + 1)
-        assert one_more >= 0.05, f"the {k + 1} slowest pairs can lose it too (output error {one_more:.4f})"
-    return f"layer 0 stays below 0.05 with the {k} slowest pairs position-free, and not with one more"
+        for kept in (0.5, 0.9, 0.99):
+            k = answer(eigenvalues.clone(), kept)
+            assert isinstance(k, int) and not isinstance(k, bool), f"k must be an int, got {type(k).__name__}"
+            assert 0 <= k <= p, f"k must lie in [0, {p}] for {p}-vectors, got {k}"
+            assert left(k) <= 1 - kept, (
+                f"keeping {k} directions leaves {left(k):.3f} of ‖X‖² out, more than 1 − {kept} (p = {p})"
+            )
+            assert k == 0 or left(k - 1) > 1 - kept, (
+                f"{k - 1} directions already keep {kept} (they leave {left(k - 1):.3f} out): k = {k} is not the "
+                f"smallest (p = {p})"
+            )
+            tried += 1
+    return f"the smallest k, measured by projecting the samples: {tried} cases (3 data sets, shares 0.5, 0.9, 0.99)"
 
 
 @exercise("07.2")
-def pairs_that_turn(answer) -> str:
-    """(r, m): the smallest r at which S_high keeps every pair turning by > 1 rad in a 128-byte window; m of those
-    that S_low keeps at that r."""
-    assert isinstance(answer, tuple) and len(answer) == 2, f"the answer is a pair (r, m), got {answer!r}"
-    r, low_keeps = (_require_int(value, "a count") for value in answer)
-    source, _, _ = _layer_zero()
-    if source.rope_frequencies is not None:
-        omega = torch.tensor(source.rope_frequencies, dtype=torch.float64)
-    else:
-        omega = inverse_frequencies(source.head_dim, source.rope_theta).double()  # ω_j, (d_h/2,)
-    turning = (127 * omega > 1).nonzero().flatten()  # pairs that turn by more than a radian over gaps ≤ 127
-    half = source.head_dim // 2
-    smallest = next(
-        r for r in range(half + 1) if select_rotary_pairs(source, r, "high")[0, turning].all()
-    )  # the same pairs in every head
-    assert r == smallest, f"S_high keeps every turning pair from r = {smallest}" + (
-        " (at your r it misses some)" if r < smallest else ", fewer than your r"
+def entries_that_survive_two_mixings(answer) -> str:
+    """The (m, n) entries of a (16, 16) score matrix unchanged when coordinate a is mixed by U and b by U flipped."""
+    mask = torch.as_tensor(answer)
+    assert mask.dtype == torch.bool and tuple(mask.shape) == (16, 16), (
+        f"the answer is a (16, 16) bool mask of the (m, n) entries that survive, got {mask.dtype} {tuple(mask.shape)}"
     )
-    truth = int(select_rotary_pairs(source, r, "low")[0, turning].sum())
-    assert low_keeps == truth, f"at r = {r}, S_low keeps {truth} of the turning pairs, not {low_keeps}"
-    return f"r = {r} covers the {len(turning)} turning pairs with S_high; S_low keeps {truth} of them at that r"
+    generator = torch.Generator().manual_seed(6)
+    keys = torch.randn(2, 16, 2, generator=generator)  # pair j of 2 KV heads at positions 0 … 15: (n_kv, t, 2)
+    query = torch.randn(16, 2, generator=generator)  # pair j of one query head reading KV head 0: (t, 2)
+    mixing = torch.linalg.qr(torch.randn(2, 2, generator=generator)).Q  # an orthogonal U_j
+    swapped = mixing.flip(1)  # orthogonal too, but another matrix
+    positions = torch.arange(16)
+    rope = dict(inv_freq=torch.tensor([1.0]), layout="rotate_half")  # one pair turning with ω = 1
+
+    def mix(pairs, left, right):  # coordinate a mixed by `left`, b by `right`: (n_kv, t, 2) -> (n_kv, t, 2)
+        return torch.stack([left.T @ pairs[..., 0], right.T @ pairs[..., 1]], dim=-1)
+
+    source = apply_rope(query, positions, **rope) @ apply_rope(keys[0], positions, **rope).T  # (t, t)
+    broken_query = torch.stack([mixing[0][:, None] * query[None, :, 0], swapped[0][:, None] * query[None, :, 1]], -1)
+    broken = torch.einsum(
+        "cse,cte->st",
+        apply_rope(broken_query, positions, **rope),
+        apply_rope(mix(keys, mixing, swapped), positions, **rope),
+    )
+    survives = (broken - source).abs() <= 1e-4 * (1 + source.abs())  # fp32 rounding only
+    extra = (mask & ~survives).nonzero().tolist()
+    missed = (survives & ~mask).nonzero().tolist()
+    assert not extra, f"entry (m, n) = {tuple(extra[0])} changes, but your mask says it survives"
+    assert not missed, f"entry (m, n) = {tuple(missed[0])} survives, but your mask says it changes"
+    return f"exactly the entries m = n survive ({int(survives.sum())} of 256), on keys and queries of its own"
 
 
 @exercise("07.3")
-def svd_split_by_hand(answer) -> str:
-    """``answer(W, key_rows, d_c)`` -> [W_K^N, W_V] rebuilt by SVD_split (rank d_c/2 each), (d, n) like W."""
-    assert callable(answer), f"the answer is a function (W, key_rows, d_c) -> rebuilt W, got {type(answer).__name__}"
-    with torch.random.fork_rng(devices=[]):  # a layer of its own, leaving the caller's random state alone
-        torch.manual_seed(7)
-        layer = GroupedQueryAttention(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16)
-    full = partial_rope_parts(layer, select_rotary_pairs(layer, 2, "high"))  # full rank: W is (64, 2·12 + 2·16)
-    key_rows = full.latent_down.shape[0] - layer.n_kv_heads * layer.head_dim  # the nope-key columns come first
-    weight = full.latent_down.double().T  # W = [W_K^N, W_V]: (d, n)
-    n_kv = layer.n_kv_heads
-    for rank in (16, 24):
-        split = svd_low_rank_parts(full, rank, method="split", key_rows=key_rows)
-        up = torch.cat([*(split.key_up[u * 2] for u in range(n_kv)), *(split.value_up[u * 2] for u in range(n_kv))])
-        truth = (up @ split.latent_down).double().T  # the package's rebuilt W: (d, n)
-        rebuilt = answer(weight.clone(), key_rows, rank)
-        assert isinstance(rebuilt, torch.Tensor) and rebuilt.shape == weight.shape, (
-            f"the function must return a tensor shaped like W, {tuple(weight.shape)}"
-        )
-        error = relative_error(rebuilt.double(), truth)
-        if error > 1e-5:  # fp32 maps against fp64: ~1e-7
-            joint = svd_low_rank_parts(full, rank, method="joint")
-            up_joint = torch.cat(
-                [*(joint.key_up[u * 2] for u in range(n_kv)), *(joint.value_up[u * 2] for u in range(n_kv))]
-            )
-            is_joint = relative_error(rebuilt.double(), (up_joint @ joint.latent_down).double().T) < 1e-5
-            raise AssertionError(
-                f"at d_c = {rank} the rebuilt weights are off by a relative error {error:.2g}"
-                + (": that is the joint SVD; split factorises W_K^N and W_V separately" if is_joint else "")
-            )
-    return "your SVD_split rebuilds the same W as svd_low_rank_parts(method='split') at d_c = 16 and 24"
+def frequencies_kept_roped(answer) -> str:
+    """The rotary frequencies j that keep a roped component in layer 2 at d_R = 16 under the rotation budget."""
+    try:
+        claimed = {int(j) for j in answer}
+    except TypeError:
+        raise AssertionError(f"the answer is a collection of frequencies j, got {type(answer).__name__}") from None
+    lesson = _lesson()
+    basis = rorope_basis(lesson.layers[2], lesson.calibration[2])
+    kept = select_rope_components(basis, 16, "rotation")  # (d_h/2, n_kv)
+    truth = set(kept.any(-1).nonzero().flatten().tolist())
+    missing, extra = sorted(truth - claimed), sorted(claimed - truth)
+    assert not extra, (
+        f"frequency j = {extra[0]} keeps no roped component: what it could add (energy × (1 − cos Δω)) ranks too low"
+    )
+    assert not missing, f"frequency j = {missing[0]} keeps a roped component too"
+    return f"layer 2 keeps RoPE on frequencies {sorted(truth)} at d_R = 16 (select_rope_components)"
 
 
 @exercise("07.4")
-def smallest_latent_under_a_bound(answer) -> str:
-    """The smallest d_c (a multiple of 16) with layer 0's output error ≤ 0.15 at r = 8 (S_2-norm, SVD_joint)."""
-    d_c = _require_int(answer, "a latent size d_c")
-    source, inputs, _ = _layer_zero()
-    full = partial_rope_parts(source, select_rotary_pairs(source, 8, "2-norm", calibration_inputs=inputs))
-    widest = full.latent_down.shape[0]
-    assert d_c % 16 == 0 and 16 <= d_c <= widest, f"d_c must be a multiple of 16 in [16, {widest}], got {d_c}"
-    at_d_c = _error(svd_low_rank_parts(full, d_c))
-    assert at_d_c <= 0.15, f"at d_c = {d_c} layer 0's output error is {at_d_c:.3f}, above 0.15"
-    if d_c == 16:
-        return "d_c = 16, the smallest size tried, keeps layer 0's output error within 0.15"
-    smaller = _error(svd_low_rank_parts(full, d_c - 16))
-    assert smaller > 0.15, f"d_c = {d_c - 16} already keeps the error at {smaller:.3f}"
-    return f"d_c = {d_c} keeps layer 0's output error within 0.15, and d_c = {d_c - 16} does not"
+def latent_share_from_eigenvalues(answer) -> str:
+    """The share of E‖z‖² (z = c S, balanced) that BKV-PCA's d_c = 32 latent keeps in layer 0 (d_R = 32, rotation)."""
+    assert isinstance(answer, (int, float)) and not isinstance(answer, bool), (
+        f"the answer is a number (a share between 0 and 1), got {type(answer).__name__}"
+    )
+    lesson = _lesson()
+    layer, calibration = lesson.layers[0], lesson.calibration[0]
+    rotated = rorope_parts(layer, calibration, rope_dim=32, rope_budget="rotation")
+    compressed = bkv_pca_parts(rotated, calibration, kv_lora_rank=32, fold_query=False)
+    d_nope, n_kv, g = rotated.key_up.shape[1], layer.n_kv_heads, layer.group_size
+    with torch.no_grad():
+        x = calibration.flatten(0, 1).double()  # (T, d)
+        latent = x @ rotated.latent_down.double().T  # c = [k^N, v]: (T, d_N + n_kv·d_h)
+        up = torch.cat([compressed.key_up[0], *(compressed.value_up[u * g] for u in range(n_kv))]).double()
+        rebuilt = x @ compressed.latent_down.double().T @ up.T  # ĉ from the package's maps
+        scale = torch.ones(latent.shape[1], dtype=torch.float64)
+        scale[:d_nope] = key_value_balance(rotated, calibration)  # S = diag(α·1_{d_N}, 1)
+        kept = 1 - (((latent - rebuilt) * scale).pow(2).sum() / (latent * scale).pow(2).sum()).item()
+    # the package's maps are fp32: the share it keeps is within ~1e-6 of the eigenvalues' prediction
+    assert abs(answer - kept) < 1e-4, f"bkv_pca_parts' latent of 32 keeps {kept:.4f} of E‖z‖², not {answer:.4f}"
+    return "bkv_pca_parts' 32-wide latent keeps that share of E‖z‖², measured on the calibration tokens"
+
+
+@functools.cache
+def _quarter_errors() -> dict[int, float]:
+    """Mean relative output error over the four layers on the held-out states, for d_R = 8, 16, 24 and
+    d_c = 32 − d_R (``transmla_convert`` with the rotation budget and the score metric)."""
+    lesson = _lesson()
+    measured = {}
+    with torch.no_grad():
+        for rope_dim in (8, 16, 24):
+            per_layer = [
+                relative_error(
+                    transmla_convert(
+                        layer,
+                        calibration,
+                        kv_lora_rank=32 - rope_dim,
+                        rope_dim=rope_dim,
+                        rope_budget="rotation",
+                        metric="score",
+                    )(held_out),
+                    target,
+                )
+                for layer, calibration, held_out, target in zip(
+                    lesson.layers, lesson.calibration, lesson.held_out, lesson.targets, strict=True
+                )
+            ]
+            measured[rope_dim] = sum(per_layer) / len(per_layer)
+    return measured
+
+
+@exercise("07.5")
+def rope_dim_for_a_quarter(answer) -> str:
+    """Which d_R of {8, 16, 24} a 32-element budget (d_c = 32 − d_R) should spend, defended by the measured errors."""
+    assert isinstance(answer, dict) and {"rope_dim", "errors"} <= set(answer), (
+        "the answer is a dict: {'rope_dim': your d_R, 'errors': {8: e, 16: e, 24: e}}, the mean held-out errors"
+    )
+    errors = answer["errors"]
+    assert isinstance(errors, dict) and set(errors) == {8, 16, 24}, (
+        f"'errors' must give the mean error at each of d_R = 8, 16, 24, got {errors!r}"
+    )
+    measured = _quarter_errors()
+    for rope_dim, error in measured.items():
+        assert abs(errors[rope_dim] - error) < 1e-3, (
+            f"at d_R = {rope_dim} the mean held-out error is {error:.3f}, not {errors[rope_dim]:.3f}"
+        )
+    best = min(measured, key=measured.get)
+    assert answer["rope_dim"] == best, (
+        f"d_R = {answer['rope_dim']} is not the best split: d_R = {best} gives {measured[best]:.3f}"
+    )
+    return f"d_R = {best} gives the lowest mean held-out error of the three splits, as measured"

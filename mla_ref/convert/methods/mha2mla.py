@@ -40,7 +40,7 @@ def mha2mla_ranks(
     latent, d_c = B − 2 r n_kv.  E.g. 8 heads of 32 at 50%: B = 256, r = 8 (d_R = 128), d_c = 128.
 
     Why half: the latent [K^N ; V] of a trained layer is far more compressible than its rotary pairs, whose
-    rotation cannot be recovered once dropped.  On the tiny MHA teacher (lesson 07), DeepSeek-V2's own
+    rotation cannot be recovered once dropped.  On the tiny MHA teacher (lesson 08), DeepSeek-V2's own
     proportion (d_R = 64 of 576, about 1/8) leaves r = 2 pairs per head and multiplies validation perplexity
     by about 5 at 50% of the cache, whatever the strategy; half the budget keeps r = 8 and costs under 1%.
     Large heads with many slow pairs may want less: pass ``rope_share``.

@@ -47,7 +47,7 @@ def recipe_convert(
     source_output: torch.Tensor | None = None,
 ) -> MultiHeadLatentAttention:
     """mla_ref's training-free recipe: RoRoPE (one roped component per frequency, TransMLA's uniform budget), BKV-PCA
-    with the score metric (lesson 06), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
+    with the score metric (lesson 07), then the output refit.  A cache of kv_lora_rank + rope_dim elements per token.
 
     The latent is shared by the keys and the values; how much of it the keys get is BKV-PCA's balance β times a key
     weight w.  The recipe converts the layer once for each w in ``key_weights`` and keeps the one whose refit output

@@ -1,4 +1,4 @@
-"""The checks of lessons 08-10's exercises: a right answer passes, a plausible wrong one is refused with its reason,
+"""The checks of lessons 05, 09 and 10's exercises: a right answer passes, a plausible wrong one is refused with its reason,
 and the placeholder None is reported as not answered yet."""
 
 import math
@@ -10,7 +10,7 @@ from mla_ref import MLA, GroupedQueryAttention
 from mla_ref.exercises import check_exercise
 from mla_ref.roofline import decode_step_cost
 
-EXERCISES = ("08.1", "08.2", "09.1", "09.2", "10.1", "10.2", "10.3")
+EXERCISES = ("05.1", "05.2", "09.1", "09.2", "10.1", "10.2", "10.3")
 
 
 @pytest.mark.parametrize("key", EXERCISES)
@@ -25,10 +25,10 @@ def refused(key, answer, reason):
 
 
 def test_08_1_heads_at_the_ridge():
-    assert check_exercise("08.1", 137)  # 258.2 / (1088 / 576) = 136.7
-    refused("08.1", 128, "below the ridge")  # the 2 n_h rounding of FlashMLA's note
-    refused("08.1", 138, "not the smallest")
-    refused("08.1", 137.0, "an int")
+    assert check_exercise("05.1", 137)  # 258.2 / (1088 / 576) = 136.7
+    refused("05.1", 128, "below the ridge")  # the 2 n_h rounding of FlashMLA's note
+    refused("05.1", 138, "not the smallest")
+    refused("05.1", 137.0, "an int")
 
 
 def tokens_per_second(dtype="bf16", batch=8, layers=32):
@@ -44,11 +44,11 @@ def tokens_per_second(dtype="bf16", batch=8, layers=32):
 
 
 def test_08_2_tokens_per_second_at_the_copy_rate():
-    assert check_exercise("08.2", tokens_per_second())
-    refused("08.2", tokens_per_second(batch=1), "one sequence's rate")
-    refused("08.2", tokens_per_second(dtype="fp32"), "2 bytes")
-    refused("08.2", tokens_per_second(layers=1), "all 32 layers")
-    refused("08.2", {"GQA": 1.0}, "a dict")
+    assert check_exercise("05.2", tokens_per_second())
+    refused("05.2", tokens_per_second(batch=1), "one sequence's rate")
+    refused("05.2", tokens_per_second(dtype="fp32"), "2 bytes")
+    refused("05.2", tokens_per_second(layers=1), "all 32 layers")
+    refused("05.2", {"GQA": 1.0}, "a dict")
 
 
 def soft_gradient(student, teacher, tau):  # d/dz_s of τ² · mean_n KL(p_t^τ ‖ p_s^τ)
