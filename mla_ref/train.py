@@ -355,6 +355,12 @@ def training_record(
     facts = training_facts(command, model, corpus, train_config, result, storage_dtype)
     final, c, t = result.final, model.config, train_config
     attention = f"{c.attention.upper()}: {c.n_heads} query heads over {c.kv_heads} KV heads of size {c.head_dim}"
+    if c.attention == "mla":
+        attention = (
+            f"MLA: {c.n_heads} heads (d_N {c.qk_nope_head_dim}, d_v {c.v_head_dim}) reading a latent of "
+            f"d_c {c.kv_lora_rank} and a shared roped key of d_R {c.qk_rope_head_dim}: "
+            f"{c.kv_lora_rank + c.qk_rope_head_dim} cached elements per token and layer"
+        )
     lines = [
         f"# Teacher: tiny byte-level Llama-style model ({c.attention.upper()})",
         "",
@@ -365,7 +371,8 @@ def training_record(
         "```",
         "",
         f"- model: {c.n_layers} layers, d_model {c.d_model}, {attention}, SwiGLU {c.mlp_hidden}, "
-        f"RoPE {c.rope_layout} on every head dimension (θ = {c.rope_theta:g}); {facts['parameters']:,} parameters; "
+        f"RoPE {c.rope_layout} on {'the d_R dimensions' if c.attention == 'mla' else 'every head dimension'} "
+        f"(θ = {c.rope_theta:g}); {facts['parameters']:,} parameters; "
         f"stored as {storage_dtype}",
         f"- data: {corpus.describe()} from `{corpus.root}` (Python {facts['python_version']}); "
         f"train sha256 `{corpus.train_sha256}`, validation sha256 `{corpus.val_sha256}`",

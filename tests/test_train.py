@@ -253,6 +253,26 @@ def test_shipped_teacher_loads_and_matches_its_record(name):
 
 
 def test_shipped_teachers_share_width_and_depth():
-    mha, gqa = (checkpoint.read_config(TEACHERS_DIR / name)[0] for name in ("mha", "gqa"))
+    mha, gqa, mla = (checkpoint.read_config(TEACHERS_DIR / name)[0] for name in ("mha", "gqa", "mla"))
     keep = ("d_model", "n_layers", "n_heads", "head_dim", "mlp_hidden", "rope_theta", "rope_layout")
-    assert {k: getattr(mha, k) for k in keep} == {k: getattr(gqa, k) for k in keep}
+    assert (
+        {k: getattr(mha, k) for k in keep} == {k: getattr(gqa, k) for k in keep} == {k: getattr(mla, k) for k in keep}
+    )
+
+
+def test_the_mla_teacher_caches_a_quarter_of_the_gqa_teachers_and_was_trained_alike():
+    gqa, mla = (read_record(TEACHERS_DIR / name) for name in ("gqa", "mla"))
+    config = checkpoint.read_config(TEACHERS_DIR / "mla")[0]
+    gqa_config = checkpoint.read_config(TEACHERS_DIR / "gqa")[0]
+    mla_elements = config.kv_lora_rank + config.qk_rope_head_dim  # d_c + d_R
+    assert mla_elements * 4 == 2 * gqa_config.kv_heads * gqa_config.head_dim  # 25% of GQA's 2 n_kv d_h
+    # the same recipe (the MLA record also holds a setting added since the GQA teacher was trained)
+    assert {k: mla["train_config"][k] for k in gqa["train_config"]} == gqa["train_config"]
+    assert mla["tokens_seen"] == gqa["tokens_seen"]
+    assert mla["corpus"]["train_sha256"] == gqa["corpus"]["train_sha256"]
+    # the record's numbers are those of the stored (bf16) weights, on the first eval_tokens validation bytes
+    corpus = load_corpus()
+    windows = validation_windows(corpus.val, 128, mla["train_config"]["eval_tokens"])
+    torch.testing.assert_close(
+        evaluate(checkpoint.load(TEACHERS_DIR / "mla"), windows).loss, mla["val_loss"], rtol=0, atol=1e-4
+    )
