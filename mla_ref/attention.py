@@ -61,14 +61,30 @@ def grouped_attention(
         return torch.cat(
             [grouped_attention(q[r], k[r], v[r], scale=scale, q_offset=q_offset, causal=causal) for r in blocks]
         )
+    half = s // 2
+    if causal and q.device.type == "cpu" and half >= 128 and q_offset + half < t:
+        # The first half of the queries reads no key past position q_offset + half − 1: the causal mask would zero
+        # their scores against every later key, a quarter of all the scores of a prompt.  Each half is attention
+        # over the keys it may read: the same arithmetic up to the order of the softmax's sums (bit for bit on
+        # this project's CPUs at a conversion's windows of 256, within fp32 rounding elsewhere).
+        seen = q_offset + half  # keys the first half may read
+        first = _attend(q[:, :, :half], k[:, :, :seen], v[:, :, :seen], scale=scale, q_offset=q_offset)
+        second = _attend(q[:, :, half:], k, v, scale=scale, q_offset=q_offset + half)
+        return torch.cat([first, second], dim=2)  # (b, h, s, d_v)
+    return _attend(q, k, v, scale=scale, q_offset=q_offset, causal=causal)
+
+
+def _attend(q, k, v, *, scale: float, q_offset: int = 0, causal: bool = True) -> torch.Tensor:
+    """``grouped_attention``'s arithmetic on one block of sequences: scores, mask, softmax, values."""
+    n_kv, s, t = k.shape[1], q.shape[2], k.shape[2]
     # letters: k the KV head, g the query head's place within its group of g = h / n_kv
     q_grouped = rearrange(q, "b (k g) s d -> b k g s d", k=n_kv)  # (b, n_kv, g, s, d_qk)
-    # score[b,k,g,s,t] = q · k / √d   (computed in fp32)
-    scores = torch.einsum("bkgsd,bktd->bkgst", q_grouped.float(), k.float()) * scale
+    # score[b,k,g,s,t] = q · k / √d   (computed in fp32; the scores are a new tensor, so scaled and masked in place)
+    scores = torch.einsum("bkgsd,bktd->bkgst", q_grouped.float(), k.float()).mul_(scale)
     if causal:
         query_pos = torch.arange(s, device=q.device)[:, None] + q_offset  # (s, 1)
         key_pos = torch.arange(t, device=q.device)[None, :]  # (1, t)
-        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        scores.masked_fill_(key_pos > query_pos, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # (b, n_kv, g, s, t) fp32
     out = torch.einsum("bkgst,bktd->bkgsd", probs, v.float())  # (b, n_kv, g, s, d_v)
     return rearrange(out, "b k g s d -> b (k g) s d").to(q.dtype)

@@ -178,32 +178,39 @@ class Streams:
     def quality(self, norm_weight: torch.Tensor, head: torch.Tensor, eps: float) -> dict[str, Quality]:
         """Perplexity, KL to the source and max logit error of every stream ("source" is the reference).
 
-        norm_weight (D,) and eps: the final RMSNorm; head (vocab, D) in any float dtype.  About 2²² logits are
-        made at a time, the head converted to fp32 one block of rows at a time: a large vocabulary costs no
-        more than a few such blocks of memory (16 MiB each).
+        norm_weight (D,) and eps: the final RMSNorm; head (vocab, D) in any float dtype.  The m streams' logits
+        are made together, about 2²³ at a time (32 MiB, one buffer reused for every chunk of tokens): one
+        matrix product per chunk, of m · chunk rows.  A head stored in another dtype than fp32 is converted one
+        block of rows at a time (16 MiB each), so a large vocabulary costs no more than a few blocks of memory.
         """
         vocab, d_model = head.shape
-        chunk, block = max(1, 2**22 // vocab), max(1, 2**22 // d_model)
-        targets = self.targets.flatten()
         names = list(self.hidden)
+        m = len(names)
+        chunk = max(1, 2**23 // (m * vocab))  # tokens per step
+        block = vocab if head.dtype == torch.float32 else max(1, 2**22 // d_model)  # head rows per product
+        targets = self.targets.flatten()
         flat = [h.flatten(0, 1) for h in self.hidden.values()]
         totals = {name: [0.0, 0.0, 0.0] for name in names}  # nll, kl, max error
+        buffer = torch.empty(m * chunk * vocab)  # every chunk's logits, allocated once
         for start in range(0, targets.numel(), chunk):
             rows = slice(start, start + chunk)
+            n = len(targets[rows])
+            hidden = torch.stack([h[rows] for h in flat]).flatten(0, 1)  # (m · n, D), stream by stream
             # the final RMSNorm, then logits = h W_headᵀ, block by block of the vocabulary
-            normed = [h[rows] * torch.rsqrt(h[rows].pow(2).mean(-1, keepdim=True) + eps) * norm_weight for h in flat]
-            logits = [torch.empty(h.shape[0], vocab) for h in normed]
+            normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps) * norm_weight
+            logits = buffer[: m * n * vocab].view(m * n, vocab)
             for first in range(0, vocab, block):
                 weight = head[first : first + block].float()  # (block, D)
-                for out, h in zip(logits, normed, strict=True):
-                    out[:, first : first + block] = h @ weight.T
-            reference = logits[0]
-            reference_log_probs = reference.log_softmax(-1)
-            for name, current in zip(names, logits, strict=True):
-                log_probs = current.log_softmax(-1)
-                totals[name][0] += F.nll_loss(log_probs, targets[rows], reduction="sum").item()
-                totals[name][1] += kl_from_log_probs(reference_log_probs, log_probs).sum().item()  # KL(p_source ‖ p)
-                totals[name][2] = max(totals[name][2], (current - reference).abs().max().item())
+                if block == vocab:  # an fp32 head: one product straight into the buffer
+                    torch.mm(normed, weight.T, out=logits)
+                else:
+                    logits[:, first : first + block] = normed @ weight.T
+            logits = logits.view(m, n, vocab)
+            log_probs = logits.log_softmax(-1)  # (m, n, vocab)
+            for i, name in enumerate(names):
+                totals[name][0] += F.nll_loss(log_probs[i], targets[rows], reduction="sum").item()
+                totals[name][1] += kl_from_log_probs(log_probs[0], log_probs[i]).sum().item()  # KL(p_source ‖ p)
+                totals[name][2] = max(totals[name][2], (logits[i] - logits[0]).abs().max().item())
         n = targets.numel()
         return {
             name: Quality(perplexity=math.exp(nll / n), kl_to_source=max(kl / n, 0.0), max_logit_error=err)
