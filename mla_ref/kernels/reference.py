@@ -30,10 +30,11 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.
     return rearrange(pages[table], "b n p w -> b (n p) w")
 
 
-# Rows per block of the cache: 1024 rows of d_c + d_R = 576 fp32 columns are 2.4 MB, which stay in the CPU's
-# caches between the two products of a block, so the values product reads them from cache rather than from
-# memory; blocks much smaller spend more on Python and the merge than they save.
-BLOCK_ROWS = 1024
+# Rows per block of the cache on a CPU: 1024 rows of d_c + d_R = 576 fp32 columns are 2.4 MB, which stay in the
+# CPU's caches between the two products of a block, so the values product reads them from cache rather than from
+# memory; much smaller blocks spend more on Python and the merge than they save.  Other devices take every row in
+# one block: a GPU gains nothing from the loop and would pay a kernel launch per operation per block.
+CPU_BLOCK_ROWS = 1024
 
 
 def mla_decode_reference(
@@ -44,7 +45,7 @@ def mla_decode_reference(
     kv_lora_rank: int,
     softmax_scale: float,
     block_table: torch.Tensor | None = None,
-    block_rows: int = BLOCK_ROWS,
+    block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode attention over the latent cache, masked by ``lengths``.
 
@@ -53,11 +54,13 @@ def mla_decode_reference(
     lse (b, h) in fp32.  Inputs are not checked here: ``mla_decode`` checks them.
 
     Letters as in DeepSeek's code: b sequence, h head, t cached token, c latent column, r rope column;
-    "cr" is a whole cache row [c ; k^R], d_c + d_R columns.  The rows are read as they are stored, one block
-    of ``block_rows`` rows at a time, as flash-decoding splits them (the Triton kernel's steps (A)–(D)): per
-    block, one product for the scores (over cr), the softmax's terms taken relative to the block's largest score,
-    and one product for the values (over the first d_c columns of the same rows, still in the CPU's cache); then
-    the blocks' sums are merged.  No copy of the cache in fp32 (bf16 / fp16 rows are widened to fp32 a block at a time).
+    "cr" is a whole cache row [c ; k^R], d_c + d_R columns.  The rows are read as they are stored, one block of
+    ``block_rows`` rows at a time (default: ``CPU_BLOCK_ROWS`` on a CPU, every row at once elsewhere), the way
+    flash-decoding splits them (the Triton kernel's steps (A)–(D)).  Per block: one product for the scores (over
+    cr), the softmax's terms relative to the block's largest score, and one product for the values (over the
+    first d_c columns of the same rows, still in the CPU's caches); then the blocks' sums are merged.  A mask
+    only where a sequence leaves rows of a block unused; no copy of the cache in fp32 (bf16 / fp16 rows are
+    widened to fp32 a block at a time).
     Reading ``lengths`` costs one small device-to-host copy on a GPU.
     """
     if block_table is not None:
@@ -65,6 +68,8 @@ def mla_decode_reference(
     d_c = kv_lora_rank
     # no sequence reads past the longest one, so the rows after it are never read
     shortest, longest = int(lengths.min()), int(lengths.max())
+    if block_rows is None:
+        block_rows = CPU_BLOCK_ROWS if cache.device.type == "cpu" else longest
     scaled_q = q.float() * softmax_scale  # (b, h, d_c + d_R)
 
     block_maxes, block_sums, block_accs = [], [], []
