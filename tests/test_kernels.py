@@ -172,6 +172,36 @@ def test_reference_copies_the_cache_only_for_a_ragged_batch():
         assert torch.isfinite(out).all()
 
 
+# id: lengths, tokens the buffer holds (rows past each length are NaN), rows per block
+BLOCK_CASES = {
+    "one-row-blocks": ([9, 9], 9, 1),
+    "a-partial-last-block": ([40, 40], 40, 16),
+    "ragged-with-empty-blocks": ([1, 40, 17], 48, 8),  # sequence 0 uses no row of blocks 1…4
+    "ragged-uneven-blocks": ([5, 33, 30], 40, 7),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
+def test_reference_in_blocks_equals_one_block_over_every_row(case, dtype):
+    """Merging the blocks' partial sums gives the softmax over all the rows, also where a sequence uses none of a
+    block's rows (its terms are exp(−∞) = 0, never NaN)."""
+    lengths, tokens, block_rows = case
+    q, cache, lengths_t = make_inputs(len(lengths), 4, 24, 8, lengths, dtype, tokens=tokens, device="cpu")
+    arguments = dict(kv_lora_rank=24, softmax_scale=softmax_scale(8))
+    out, lse = mla_decode_reference(q, cache, lengths_t, block_rows=block_rows, **arguments)
+    whole_out, whole_lse = mla_decode_reference(q, cache, lengths_t, block_rows=tokens, **arguments)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # both fp32 inside, ≤ 40 terms summed in another order: 1e-6 on the fp32 results; bf16 out is then rounded
+    # once, and a 1e-6 difference can move it by one bf16 step (2^-8 relative): 1e-2
+    out_tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, whole_out, **out_tolerance)
+    torch.testing.assert_close(lse, whole_lse, rtol=1e-6, atol=1e-6)
+    expected_out, expected_lse = two_product_reference(q, cache, lengths_t, **arguments)
+    torch.testing.assert_close(out, expected_out, **out_tolerance)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-6)
+
+
 # ---- the Triton kernel against the reference ---------------------------------------------------------
 
 # id: batch, heads, d_c, d_R, lengths, num_splits (None: mla_decode's own choice), dtype

@@ -1,5 +1,6 @@
 """MLA: the equations, naive ≡ absorbed, the latent cache, the absorbed matrices, bf16, long context, errors."""
 
+import copy
 import importlib.util
 import math
 
@@ -170,6 +171,36 @@ def test_a_weight_update_reaches_the_absorbed_decode_step_at_once(how):
         after = m(x[:, 6:], cache, path="absorbed")
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, expected, **FP32)
+
+
+IN_PLACE_CHANGES = {
+    "copy_": lambda w, new: w.copy_(new),  # bumps the parameter's version counter
+    "data.copy_": lambda w, new: w.data.copy_(new),  # does not: the change is visible only in the values
+    "mul_": lambda w, new: w.mul_(new),
+}
+
+
+@pytest.mark.parametrize("change", IN_PLACE_CHANGES.values(), ids=IN_PLACE_CHANGES.keys())
+def test_an_in_place_change_to_kv_b_proj_reaches_the_next_decode_step(change):
+    """Between two decode steps over one cache, kv_b_proj.weight changes in place; the second absorbed step uses
+    the new W_UK and W_UV, as the naive path (which up-projects the cache with the same weight) does."""
+    torch.manual_seed(0)
+    m = MLA(16, 4, kv_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
+    x = torch.randn(2, 8, 16)
+    caches = {path: m.new_cache() for path in ("naive", "absorbed")}
+    with torch.no_grad():
+        steps = {}
+        for path, cache in caches.items():
+            m(x[:, :6], cache, path=path)
+            steps[path] = [m(x[:, 6:7], cache, path=path)]  # a decode step with the old weight
+        unchanged, unchanged_cache = copy.deepcopy(m), copy.deepcopy(caches["absorbed"])
+        change(m.kv_b_proj.weight, torch.randn_like(m.kv_b_proj.weight))
+        for path, cache in caches.items():
+            steps[path].append(m(x[:, 7:8], cache, path=path))  # a decode step with the new one
+        stale = unchanged(x[:, 7:8], unchanged_cache, path="absorbed")  # what the old weight gives
+    assert not torch.allclose(steps["absorbed"][1], stale, rtol=0.1, atol=0.1)  # the change matters
+    for before_and_after in zip(steps["absorbed"], steps["naive"], strict=True):
+        torch.testing.assert_close(*before_and_after, **FP32)
 
 
 def test_absorbed_matrices_reproduce_scores_and_outputs():

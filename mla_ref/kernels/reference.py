@@ -14,7 +14,7 @@ cache holds uninitialised memory, NaN included) and never reach the result.
 from __future__ import annotations
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 
 
 def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,13 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.
     return rearrange(pages[table], "b n p w -> b (n p) w")
 
 
+# Rows per block of the cache on a CPU: 1024 rows of d_c + d_R = 576 fp32 columns are 2.4 MB, which stay in the
+# CPU's caches between the two products of a block, so the values product reads them from cache rather than from
+# memory; much smaller blocks spend more on Python and the merge than they save.  Other devices take every row in
+# one block: a GPU gains nothing from the loop and would pay a kernel launch per operation per block.
+CPU_BLOCK_ROWS = 1024
+
+
 def mla_decode_reference(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -38,6 +45,7 @@ def mla_decode_reference(
     kv_lora_rank: int,
     softmax_scale: float,
     block_table: torch.Tensor | None = None,
+    block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode attention over the latent cache, masked by ``lengths``.
 
@@ -46,30 +54,49 @@ def mla_decode_reference(
     lse (b, h) in fp32.  Inputs are not checked here: ``mla_decode`` checks them.
 
     Letters as in DeepSeek's code: b sequence, h head, t cached token, c latent column, r rope column;
-    "cr" is a whole cache row [c ; k^R], d_c + d_R columns.  The rows are read as they are stored: one
-    product for the scores (over cr), one for the values (over the first d_c columns of the same rows), no
-    copy of the cache in fp32 (bf16 / fp16 rows are widened to fp32 first).  Reading ``lengths`` costs one
-    small device-to-host copy on a GPU.
+    "cr" is a whole cache row [c ; k^R], d_c + d_R columns.  The rows are read as they are stored, one block of
+    ``block_rows`` rows at a time (default: ``CPU_BLOCK_ROWS`` on a CPU, every row at once elsewhere), the way
+    flash-decoding splits them (the Triton kernel's steps (A)–(D)).  Per block: one product for the scores (over
+    cr), the softmax's terms relative to the block's largest score, and one product for the values (over the
+    first d_c columns of the same rows, still in the CPU's caches); then the blocks' sums are merged.  A mask
+    only where a sequence leaves rows of a block unused; no copy of the cache in fp32 (bf16 / fp16 rows are
+    widened to fp32 a block at a time).
+    Reading ``lengths`` costs one small device-to-host copy on a GPU.
     """
     if block_table is not None:
         cache = gather_pages(cache, block_table, lengths)  # (b, t, d_c + d_R)
     d_c = kv_lora_rank
-    # no sequence reads past the longest one, so the rows after it are left out (a view, no copy)
-    longest = int(lengths.max())
-    rows = cache[:, :longest].float()  # (b, t, d_c + d_R): [c_t ; k^R_t]
+    # no sequence reads past the longest one, so the rows after it are never read
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    if block_rows is None:
+        block_rows = CPU_BLOCK_ROWS if cache.device.type == "cpu" else longest
+    scaled_q = q.float() * softmax_scale  # (b, h, d_c + d_R)
 
-    # score[b,h,t] = scale · Σ_cr q[b,h,cr] · row[b,t,cr]  =  scale · (q_c · c_t + q_R · k^R_t)
-    scores = einsum(q.float() * softmax_scale, rows, "b h cr, b t cr -> b h t")
-    if int(lengths.min()) < longest:  # some sequence leaves rows unused: only then is there anything to mask
-        unused = torch.arange(longest, device=cache.device)[None, :] >= lengths[:, None]  # (b, t)
-        # score[b,h,t] = −∞ for t ≥ lengths[b]
-        scores = scores.masked_fill(unused[:, None, :], float("-inf"))
-        # an unused row may hold NaN (uninitialised memory), and 0 · NaN = NaN: zero it before p · c
-        rows = rows.masked_fill(unused[..., None], 0.0)
-    # lse[b,h] = log Σ_t exp(score[b,h,t])
-    lse = torch.logsumexp(scores, dim=-1)  # (b, h)
-    # p[b,h,t] = exp(score[b,h,t] − lse[b,h])
-    probs = torch.exp(scores - lse[..., None])  # (b, h, t)
-    # out[b,h,c] = Σ_t p[b,h,t] · row[b,t,c]   the values are the first d_c columns of the same rows
-    out = einsum(probs, rows[..., :d_c], "b h t, b t c -> b h c")  # (b, h, d_c)
+    block_maxes, block_sums, block_accs = [], [], []
+    for start in range(0, longest, block_rows):
+        stop = min(start + block_rows, longest)
+        rows = cache[:, start:stop].float()  # (b, n, d_c + d_R): [c_t ; k^R_t] for t = start … stop − 1
+        # score[b,h,t] = scale · Σ_cr q[b,h,cr] · row[b,t,cr]  =  scale · (q_c · c_t + q_R · k^R_t)
+        scores = scaled_q @ rows.mT  # (b, h, n)
+        if stop > shortest:  # some sequence leaves rows of this block unused: only then is there anything to mask
+            unused = torch.arange(start, stop, device=cache.device)[None, :] >= lengths[:, None]  # (b, n)
+            # score[b,h,t] = −∞ for t ≥ lengths[b]
+            scores = scores.masked_fill(unused[:, None, :], float("-inf"))
+            # an unused row may hold NaN (uninitialised memory), and 0 · NaN = NaN: zero it before p · c
+            rows = rows.masked_fill(unused[..., None], 0.0)
+        # m_j[b,h] = max_{t in block j} score[b,h,t]   (−∞ where sequence b uses no row of block j)
+        m_j = scores.amax(dim=-1, keepdim=True)  # (b, h, 1)
+        # p[b,h,t] = exp(score[b,h,t] − m_j[b,h]) ≤ 1   (where m_j = −∞, subtract 0: p = exp(−∞) = 0, not NaN)
+        probs = torch.exp(scores - m_j.nan_to_num(neginf=0.0))  # (b, h, n)
+        # ℓ_j[b,h] = Σ_{t in block j} p[b,h,t]
+        block_sums.append(probs.sum(dim=-1))  # (b, h)
+        # acc_j[b,h,c] = Σ_{t in block j} p[b,h,t] · row[b,t,c]   the values are the first d_c columns of the rows
+        block_accs.append(probs @ rows[..., :d_c])  # (b, h, d_c)
+        block_maxes.append(m_j[..., 0])  # (b, h)
+
+    m_j, l_j, acc_j = torch.stack(block_maxes), torch.stack(block_sums), torch.stack(block_accs)  # (blocks, b, h, …)
+    # lse[b,h] = log Σ_j exp(m_j + log ℓ_j)  =  log Σ_t exp(score[b,h,t]) over every row in use
+    lse = torch.logsumexp(m_j + torch.log(l_j), dim=0)  # (b, h)
+    # out[b,h,c] = Σ_j exp(m_j[b,h] − lse[b,h]) · acc_j[b,h,c]  =  Σ_t exp(score[b,h,t] − lse[b,h]) · row[b,t,c]
+    out = (torch.exp(m_j - lse)[..., None] * acc_j).sum(dim=0)  # (b, h, d_c)
     return out.to(q.dtype), lse
