@@ -182,3 +182,18 @@ def test_many_sequences_run_a_few_at_a_time_with_the_same_result(monkeypatch):
     assert torch.equal(blocked, whole)  # the same products per sequence: the same bits
     monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 1)
     torch.testing.assert_close(attention.grouped_attention(q, k, v, scale=0.3), whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("prompt", "cached"), [(256, 0), (300, 0), (512, 100)])
+def test_a_long_prompt_skips_the_scores_its_mask_hides(prompt, cached):
+    """A prompt of 256 or more splits its queries in two halves, the first reading only the keys it may see: still
+    SDPA's masked attention over every key, with or without cached keys before the prompt."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, prompt, 16)
+    k, v = torch.randn(2, 2, cached + prompt, 16), torch.randn(2, 2, cached + prompt, 8)
+    mask = torch.arange(cached + prompt)[None, :] <= (torch.arange(prompt)[:, None] + cached)  # (s, t)
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask, scale=0.25
+    )
+    split = grouped_attention(q, k, v, scale=0.25, q_offset=cached)
+    torch.testing.assert_close(split, expected, **FP32)
