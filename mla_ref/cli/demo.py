@@ -1,13 +1,17 @@
 """``python -m mla_ref demo``: a headless tour that checks what it shows.
 
 Each section runs part of the package — small random modules first, then the shipped GQA teacher and
-its conversion to MLA — and prints figures that were asserted a line earlier, so the demo doubles as a
-smoke test of the package.
+its conversion to MLA, then the real model (SmolLM2-135M, when ``make models`` has fetched it) converted to half
+its cache by the converter's defaults — and prints figures that were asserted a line earlier, so the demo doubles
+as a smoke test of the package.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -136,9 +140,96 @@ def teacher_section() -> None:
     )
 
 
+# The real model's section: a prompt of code, the tokens it is continued by, and the budget it is converted at
+REAL_PROMPT, REAL_NEW_TOKENS, REAL_BUDGET = "def fibonacci(n):", 24, 0.5
+TRAINING_FREE_TARGET = 1.35  # the project's bound on perplexity × source at half the cache, before any training
+
+
+def real_model_section(
+    directory: Path, *, budget: float = REAL_BUDGET, max_ratio: float = TRAINING_FREE_TARGET
+) -> None:
+    """Convert ``directory`` to ``budget`` of its cache with ``convert``'s defaults (method, calibration, DeepSeek-V3
+    form, quality report), load the result with stock ``transformers`` and set it beside the source: cache per token
+    read from real caches, perplexity (asserted under ``max_ratio`` × the source's), a greedy sample, and the time
+    the conversion took."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from mla_ref.hf import load_model, text_tokens
+    from mla_ref.pipelines import ConvertOptions, convert_checkpoint
+    from mla_ref.pipelines.guard import WRITTEN_FORM
+
+    print(f"\n== A real model at {budget:.0%} of its cache: {directory.name}, converted by the defaults ==")
+    with tempfile.TemporaryDirectory(prefix="mla-ref-demo-") as scratch:
+        output = Path(scratch) / "mla"
+        start = time.perf_counter()
+        report = convert_checkpoint(directory, output, ConvertOptions(budget=budget))
+        seconds = time.perf_counter() - start
+        source, converted = load_model(directory), load_model(output)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        stock = transformers.AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+
+    prompt = text_tokens(directory, REAL_PROMPT.encode(), source.config.vocab_size)[None]  # (1, s)
+    cache_bytes = {}
+    for name, model in (("source", source), ("converted", converted)):
+        caches = model.new_caches()
+        model(prompt, caches)
+        cache_bytes[name] = sum(cache.nbytes for cache in caches) // prompt.shape[1]  # read from the caches, fp32
+    assert cache_bytes["converted"] == converted.kv_cache_bytes_per_token()
+    assert abs(cache_bytes["converted"] / cache_bytes["source"] - budget) < 0.01, cache_bytes
+    assert type(stock).__name__ == "DeepseekV3ForCausalLM"
+    torch.testing.assert_close(stock(prompt).logits, converted(prompt), atol=5e-4, rtol=5e-4)
+
+    ratio = report.quality[WRITTEN_FORM].perplexity / report.quality["source"].perplexity
+    assert 1 <= ratio < max_ratio, ratio
+    sizes = report.mla_sizes
+    print(
+        f"  converted in {seconds:.0f} s ({report.options['method']}, {report.options['calib_tokens']:,} calibration "
+        f"tokens): d_c {sizes['d_c']} + d_R {sizes['d_R']}; written as DeepSeek-V3, loaded by transformers as "
+        f"{type(stock).__name__}, its logits = mla_ref's within 5e-4"
+    )
+    print(
+        f"  KV cache per token (read from the caches, fp32, all layers): source {cache_bytes['source']:,} B, "
+        f"converted {cache_bytes['converted']:,} B"
+    )
+    print(
+        f"  perplexity on {report.evaluation}: source {report.quality['source'].perplexity:.3f}, converted "
+        f"{report.quality[WRITTEN_FORM].perplexity:.3f} ({ratio:.3f}x, under {max_ratio}x)"
+    )
+    tokenizer_file = directory / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        decode = Tokenizer.from_file(str(tokenizer_file)).decode
+    else:  # a byte-level model: every token is a byte
+
+        def decode(ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    for name, model in (("source", source), ("converted", converted)):
+        sample = model.generate(prompt, REAL_NEW_TOKENS)[0, prompt.shape[1] :].tolist()
+        print(f"  greedy, {name:9s}: {REAL_PROMPT + decode(sample)!r}")
+
+
+def _real_model_dir() -> Path | None:
+    """SmolLM2-135M's directory when ``make models`` has fetched it, else None (and a line saying so)."""
+    from mla_ref.pipelines.fetch import REAL_MODELS, default_model_dir, fetched_problem
+
+    directory = default_model_dir("smollm2-135m")
+    problem = fetched_problem(directory, REAL_MODELS["smollm2-135m"]) if directory.is_dir() else "not fetched"
+    if problem is not None:
+        print(f"\n(SmolLM2-135M is not in {directory}: {problem}; `make models` fetches it, then the demo converts it)")
+        return None
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mla_ref demo", description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--skip-real-model", action="store_true", help="leave out the real model's conversion (minutes on a laptop CPU)"
+    )
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     x = torch.randn(1, PROMPT + DECODE_STEPS, D_MODEL)
     with torch.no_grad():
@@ -146,5 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         mla_section(x)
         real_models_section()
         teacher_section()
+        directory = None if args.skip_real_model else _real_model_dir()
+        if directory is not None:
+            real_model_section(directory)
     print("\nAll checks in this demo passed.")
     return 0
