@@ -3,15 +3,11 @@
 import pytest
 
 from mla_ref.exercises import check_exercise, lesson_11
-from mla_ref.pipelines.fetch import REAL_MODELS, default_model_dir, fetched_problem
+from mla_ref.pipelines.fetch import default_fetch_problem
 
-
-def _smollm2_problem():
-    directory = default_model_dir("smollm2-135m")
-    return fetched_problem(directory, REAL_MODELS["smollm2-135m"]) if directory.is_dir() else "absent"
-
-
-needs_smollm2 = pytest.mark.skipif(_smollm2_problem() is not None, reason="SmolLM2 is not fetched: run `make models`")
+needs_smollm2 = pytest.mark.skipif(
+    default_fetch_problem("smollm2-135m") is not None, reason="SmolLM2 is not fetched: run `make models`"
+)
 
 SOURCE_BYTES = 384 * 30 * 4 * 1000  # 2 · n_kv · d_h = 384 elements, 30 layers, fp32, 1,000 tokens
 

@@ -40,6 +40,7 @@ from mla_ref.pipelines import fetch  # noqa: E402
 from mla_ref.pipelines.fetch import (  # noqa: E402
     REAL_MODELS,
     RealModel,
+    default_fetch_problem,
     default_model_dir,
     fetch_model,
     fetched_model_dir,
@@ -442,6 +443,14 @@ def test_fetched_model_dir_names_the_command_that_fetches_it(monkeypatch, tmp_pa
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "config.json").write_text("{}")
     assert fetched_model_dir("smollm2-135m", tmp_path / "elsewhere") == tmp_path / "elsewhere"
+
+
+def test_default_fetch_problem_says_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLA_REF_MODELS", str(tmp_path))
+    assert default_fetch_problem("smollm2-135m") == f"no directory {tmp_path / 'smollm2-135m'}"
+    (tmp_path / "smollm2-135m").mkdir()
+    problem = default_fetch_problem("smollm2-135m")  # a directory without MODEL.md: fetched_problem's reason
+    assert problem is not None and problem == fetched_problem(tmp_path / "smollm2-135m", REAL_MODELS["smollm2-135m"])
 
 
 def test_pip_runs_as_this_interpreter(monkeypatch):

@@ -214,14 +214,13 @@ def real_model_section(
 
 def _real_model_dir() -> Path | None:
     """SmolLM2-135M's directory when ``make models`` has fetched it, else None (and a line saying so)."""
-    from mla_ref.pipelines.fetch import REAL_MODELS, default_model_dir, fetched_problem
+    from mla_ref.pipelines.fetch import default_fetch_problem, default_model_dir
 
-    directory = default_model_dir("smollm2-135m")
-    problem = fetched_problem(directory, REAL_MODELS["smollm2-135m"]) if directory.is_dir() else "not fetched"
+    problem = default_fetch_problem("smollm2-135m")
     if problem is not None:
-        print(f"\n(SmolLM2-135M is not in {directory}: {problem}; `make models` fetches it, then the demo converts it)")
+        print(f"\n(SmolLM2-135M is not fetched: {problem}; `make models` fetches it, then the demo converts it)")
         return None
-    return directory
+    return default_model_dir("smollm2-135m")
 
 
 def main(argv: list[str] | None = None) -> int:

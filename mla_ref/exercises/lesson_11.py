@@ -22,7 +22,7 @@ from mla_ref.data import load_corpus, validation_windows
 from mla_ref.exercises import exercise
 from mla_ref.hf import load_model, text_tokens
 from mla_ref.model_shapes import load_model_shape
-from mla_ref.pipelines.fetch import REAL_MODELS, default_model_dir, fetched_problem
+from mla_ref.pipelines.fetch import default_fetch_problem, default_model_dir
 from mla_ref.rope import apply_rope, rope_inv_freq
 
 # Exercise 11.1: the 25% conversion, loaded as the lesson loads it (fp32), after a prompt of this many tokens
@@ -38,13 +38,12 @@ BUDGET_11_3, LAYER, CALIBRATION_WINDOWS, HELD_OUT_WINDOWS = 0.125, 20, 16, 4
 
 
 def _smollm2_dir():
-    directory = default_model_dir("smollm2-135m")
-    problem = fetched_problem(directory, REAL_MODELS["smollm2-135m"]) if directory.is_dir() else "no such directory"
+    problem = default_fetch_problem("smollm2-135m")
     if problem is not None:
         raise FileNotFoundError(
-            f"this exercise reads SmolLM2-135M, not fetched in {directory} ({problem}): run `make models`"
+            f"this exercise reads SmolLM2-135M, which is not fetched ({problem}): run `make models`"
         )
-    return directory
+    return default_model_dir("smollm2-135m")
 
 
 @functools.cache

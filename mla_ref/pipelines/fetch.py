@@ -283,6 +283,13 @@ def fetched_problem(directory: str | os.PathLike, entry: RealModel) -> str | Non
     return None if record.get("files") else f"its {MODEL_CARD} lists no files"
 
 
+def default_fetch_problem(name: str) -> str | None:
+    """None when ``default_model_dir(name)`` holds a complete fetch of the registry's ``name``; otherwise what is wrong
+    (the directory missing, or ``fetched_problem``'s reason).  For code that reads the model only when it is there."""
+    directory = default_model_dir(name)
+    return fetched_problem(directory, REAL_MODELS[name]) if directory.is_dir() else f"no directory {directory}"
+
+
 def fetched_model_dir(name: str, directory: str | os.PathLike | None = None) -> Path:
     """``directory`` (default ``default_model_dir(name)``) when it holds a model; otherwise a ValueError that
     says which command fetches it.  For scripts that need the model and should not fetch it themselves."""
