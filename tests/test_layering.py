@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "mla_ref.dtypes",
         "mla_ref.progress",
         "mla_ref.diagrams",
+        "mla_ref.results",
         "mla_ref.threads",
     ),
     ("mla_ref.rope", "mla_ref.cache", "mla_ref.norm", "mla_ref.kernels."),  # the core
