@@ -222,6 +222,8 @@ def markdown(rows: list[Row], source: dict, texts: dict[str, str], args, torch_t
     if refused:
         lines += ["", "Why the converter refuses the written form:", ""]
         lines += [f"- {row.method} {row.budget:.1%}: {row.refused}" for row in refused]
+    if not source["samples"]:  # --no-samples
+        return "\n".join(lines)
     lines += ["", "## Greedy samples", ""]
     for i, prompt in enumerate(PROMPTS):
         lines += [f"Prompt `{prompt}`:", "", "| model | continuation |", "|---|---|"]
