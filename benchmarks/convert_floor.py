@@ -34,9 +34,7 @@ import torch
 from torch import nn
 
 from mla_ref.convert import get_method
-from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric_terms
-from mla_ref.convert.methods.recipe import RECIPE_KEY_WEIGHTS, recipe_shared
-from mla_ref.convert.parts import assemble_mla
+from mla_ref.convert.methods.recipe import RECIPE_KEY_WEIGHTS, key_weight_candidates, recipe_shared
 from mla_ref.convert.refit import refit_in_place
 from mla_ref.convert.rorope import rorope_parts
 from mla_ref.data import load_corpus, validation_windows
@@ -63,13 +61,10 @@ def candidates(layer, inputs: torch.Tensor, budget: float) -> list[tuple[dict, f
     for sizes in get_method("recipe").candidate_sizes(layer, budget=budget, reserve=1):
         rope_dim, kv_lora_rank = sizes["rope_dim"], sizes["kv_lora_rank"]
         rotated = rorope_parts(layer, inputs, rope_dim=rope_dim, rope_budget="uniform", basis=basis)
-        terms = latent_metric_terms(rotated, inputs, metric="score", x_moment=moment)
-        for key_weight in RECIPE_KEY_WEIGHTS:
-            parts = bkv_pca_parts(
-                rotated, inputs, kv_lora_rank=kv_lora_rank, metric="score", key_weight=key_weight,
-                x_moment=moment, metric_terms=terms,
-            )  # fmt: skip
-            module = assemble_mla(parts, layer.d_model, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+        for key_weight, module in key_weight_candidates(
+            layer, rotated, inputs, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, key_weights=RECIPE_KEY_WEIGHTS,
+            x_moment=moment,
+        ):  # fmt: skip
             built.append((sizes, key_weight, module, target))
     return built
 

@@ -16,13 +16,15 @@ the source's perplexity where half the budget (48) gave 2.96×; on the GQA teach
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.convert.activations import input_moment
 from mla_ref.convert.bkv_pca import bkv_pca_parts, latent_metric_terms
 from mla_ref.convert.methods.base import Method, even
-from mla_ref.convert.parts import assemble_mla, check_source
+from mla_ref.convert.parts import MLAParts, assemble_mla, check_source
 from mla_ref.convert.refit import REFIT_TOKENS_PER_WEIGHT, refit_in_place
 from mla_ref.convert.rorope import RotatedKeyBasis, rorope_basis, rorope_parts
 from mla_ref.mla import MultiHeadLatentAttention
@@ -74,23 +76,41 @@ def recipe_convert(
         source, calibration_inputs, rope_dim=rope_dim, freqfold=freqfold, rope_budget="uniform", basis=basis
     )
     target = source_output  # (b, s, d_model): y_src
-    # M_K, M_V and the balance of the score metric do not depend on the key weight: formed once for all three
-    terms = latent_metric_terms(rotated, calibration_inputs, metric="score", x_moment=x_moment)
     best, best_error = None, float("inf")
+    for _key_weight, module in key_weight_candidates(
+        source, rotated, calibration_inputs, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, key_weights=key_weights,
+        x_moment=x_moment,
+    ):  # fmt: skip
+        converted, error = refit_in_place(module, calibration_inputs, target, ridge)
+        if error < best_error:
+            best, best_error = converted, error
+    return best
+
+
+@torch.no_grad()
+def key_weight_candidates(
+    source: GroupedQueryAttention,
+    rotated: MLAParts,
+    calibration_inputs: torch.Tensor,
+    *,
+    kv_lora_rank: int,
+    rope_dim: int,
+    key_weights: tuple[float, ...],
+    x_moment: torch.Tensor,
+) -> Iterator[tuple[float, MultiHeadLatentAttention]]:
+    """The layer converted with each key weight, before its output refit: (key weight, MLA) pairs, one at a time.
+
+    ``rotated``: RoRoPE's parts at this split (``rorope_parts``); ``x_moment``: E[x xᵀ] of the calibration inputs
+    (b, s, d_model).  ``recipe_convert`` refits each and keeps the best; ``benchmarks/convert_floor.py`` times them.
+    """
+    # M_K, M_V and the balance of the score metric do not depend on the key weight: formed once for all of them
+    terms = latent_metric_terms(rotated, calibration_inputs, metric="score", x_moment=x_moment)
     for key_weight in key_weights:
         parts = bkv_pca_parts(
             rotated, calibration_inputs, kv_lora_rank=kv_lora_rank, metric="score", key_weight=key_weight,
             x_moment=x_moment, metric_terms=terms,
         )  # fmt: skip
-        converted, error = refit_in_place(
-            assemble_mla(parts, source.d_model, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
-            calibration_inputs,
-            target,
-            ridge,
-        )
-        if error < best_error:
-            best, best_error = converted, error
-    return best
+        yield key_weight, assemble_mla(parts, source.d_model, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
 
 
 @torch.no_grad()
