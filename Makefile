@@ -40,7 +40,7 @@ notebooks: setup
 # printed figure that moves with the CPU fails here, not first on the next machine. It runs every lesson whose compared
 # outputs print figures computed in floating point (a new lesson joins by default); 00 and 05 are left out, their
 # compared figures being read from the teachers' records or counted in bytes. Measured on the shared 2-core CPU under
-# load: 01-04 and 06-10 take 2-3 min together, 11 about 8.5 min on a quiet machine (its two SmolLM2 conversions and a
+# load: 01-04 and 06-10 take 2-3 min together, 11 about 6 min on a quiet machine (its two SmolLM2 conversions and a
 # short recovery, on one thread); make test runs them all,
 # lesson 11 included, since it is the one whose printed figures once moved with the CPU.
 PORTABLE := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
