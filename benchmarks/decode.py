@@ -29,6 +29,13 @@ rows tall, so compare that rate with the square product's.  The naive and stock 
 n_h · (d_N + d_v) elements per cached token every step, so they run only where batch · context ≤
 ``--slow-max-tokens`` (the others print "-").
 
+``--parts`` times the absorbed step's two unavoidable parts apart, in the same loop: its weight products alone
+(``weights``: the query, latent, W_UK, W_UV and output products of one token, on weights read from memory as the
+step reads them) and the attention's two products over the cached rows in the step's blocks (``products``: the
+scores over d_c + d_R and the values over d_c, block after block, with every block but the first still in the CPU's
+caches).  One thread runs them one after the other, so their sum bounds the step from below however little else it
+does; "sum x floor" sets that bound beside the roofline's.
+
 Before timing, one step of each MLA variant on the same input must agree with the absorbed one (fp32: within
 1e-4 of the output's largest magnitude), so all of them compute the same attention.
 """
@@ -44,6 +51,7 @@ import torch
 
 from mla_ref.attention import GroupedQueryAttention
 from mla_ref.kernels import mla_decode
+from mla_ref.kernels.reference import CPU_BLOCK_ROWS
 from mla_ref.mla import MLA
 from mla_ref.roofline import decode_step_cost
 
@@ -69,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slow-max-tokens", type=int, default=65536, help="run naive and stock where b·T ≤ this")
     p.add_argument("--copy-mib", type=int, default=64, help="size of the copy that measures the copy rate")
     p.add_argument("--matmul-n", type=int, default=1024, help="n of the n × n product that measures the matmul rate")
+    p.add_argument(
+        "--parts", action="store_true", help="also time the weight products and the attention's products apart"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     return p.parse_args(argv)
@@ -134,6 +145,39 @@ def stock_rows(rope_key: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return torch.cat([rope_key[..., 0::2], rope_key[..., 1::2]], dim=-1) if interleaved else rope_key
 
 
+def part_probes(mla: MLA, x: torch.Tensor, rows: torch.Tensor, q: torch.Tensor) -> dict:
+    """The absorbed step's two unavoidable parts as separate steps: its weight products, and its attention products.
+
+    Shapes: x (b, 1, d_model) the new token; rows (b, T, d_c + d_R) the cache; q (b, h, d_c + d_R).
+    ``weights`` runs every weight product of one step on inputs of the step's shapes; ``products`` runs the
+    attention's scores and values products over ``rows`` in the blocks the CPU reference walks (one block on
+    other devices), each block's two products one after the other as the step runs them.
+    """
+    d_c, batch = mla.kv_lora_rank, x.shape[0]
+    q_nope = torch.randn(batch, mla.n_heads, 1, mla.qk_nope_head_dim).to(x)  # (b, h, 1, d_N)
+    out_latent = torch.randn(batch, mla.n_heads, 1, d_c).to(x)  # (b, h, 1, d_c)
+    attention_out = torch.randn(batch, 1, mla.n_heads * mla.v_head_dim).to(x)  # (b, 1, h · d_v)
+
+    def weights():
+        mla._queries(x)  # q_proj (or its low-rank pair)
+        mla.kv_a_proj_with_mqa(x)  # [c ; k^R] of the new token
+        torch.einsum("bhsd,hdc->bhsc", q_nope, mla.key_up_proj())  # W_UK absorbed into the query
+        torch.einsum("bhsc,hdc->bhsd", out_latent, mla.value_up_proj())  # W_UV after the attention
+        mla.o_proj(attention_out)
+
+    tokens = rows.shape[1]
+    block_rows = CPU_BLOCK_ROWS if rows.device.type == "cpu" else tokens
+    # the step's blocks by size (the last one partial), each read from the first rows: after the first, from cache
+    blocks = [rows[:, : min(block_rows, tokens - start)] for start in range(0, tokens, block_rows)]  # (b, n, d_c + d_R)
+
+    def products():
+        for block in blocks:
+            scores = q @ block.mT  # (b, h, n): q · [c ; k^R]
+            scores @ block[..., :d_c]  # (b, h, d_c): p · c (any p costs the same)
+
+    return {"weights": weights, "products": products}
+
+
 def time_one_case(modules: dict, batch: int, context: int, args, dtype) -> dict[str, float]:
     """Fill caches of ``context`` random tokens, check the MLA variants agree, and time one decode step of each."""
     device, steps = args.device, args.warmup + args.repeats + 1
@@ -187,6 +231,8 @@ def time_one_case(modules: dict, batch: int, context: int, args, dtype) -> dict[
         "copy": lambda: target.copy_(source),
         "matmul": lambda: a @ b,
     }
+    if args.parts:
+        probes.update(part_probes(mla, x, rows, q))
     ms = interleaved_median_ms({**variants, **probes}, device, args.warmup, args.repeats)
     ms["copy_rate"] = 2 * copy_bytes / (ms["copy"] / 1e3)  # bytes read + written per second, as STREAM counts
     ms["matmul_rate"] = 2 * args.matmul_n**3 / (ms["matmul"] / 1e3)  # FLOP/s
@@ -242,6 +288,7 @@ def main(argv=None) -> int:
     print(header)
     print(units)
     print("-" * len(header))
+    parts = []  # lines of the --parts table, printed after the main one
     with torch.no_grad():
         for batch in map(int, args.batches.split(",")):
             for context in map(int, args.contexts.split(",")):
@@ -261,6 +308,23 @@ def main(argv=None) -> int:
                     f"{ratios['naive']} {ratios['stock']}",
                     flush=True,
                 )
+                if args.parts:
+                    total = ms["weights"] + ms["products"]
+                    parts.append(
+                        f"{batch:>5} {context:>7} | {ms['weights']:>7.2f} {ms['products']:>8.2f} {total:>7.2f} "
+                        f"{floor_ms:>6.2f} | {total / floor_ms:>9.2f} {absorbed / floor_ms:>7.2f}"
+                    )
+    if parts:
+        print(
+            "\nparts, timed apart in the same loop: the weight products alone (read from memory), and the attention's "
+            f"two products over blocks of {CPU_BLOCK_ROWS:,} cached rows (all but the first in the CPU's caches); "
+            "one thread runs them in turn, so the step takes at least their sum"
+        )
+        print(
+            f"{'batch':>5} {'context':>7} | {'weights':>7} {'products':>8} {'sum':>7} {'floor':>6} | {'sum':>9} {'step':>7}"
+        )
+        print(f"{'':>5} {'':>7} | {'ms':>7} {'ms':>8} {'ms':>7} {'ms':>6} | {'x floor':>9} {'x floor':>7}")
+        print("\n".join(parts))
     return 0
 
 
