@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -37,20 +36,11 @@ from mla_ref.convert import get_method
 from mla_ref.convert.methods.recipe import RECIPE_KEY_WEIGHTS, key_weight_candidates, recipe_shared
 from mla_ref.convert.refit import refit_in_place
 from mla_ref.convert.rorope import rorope_parts
-from mla_ref.data import load_corpus, validation_windows
-from mla_ref.hf import load_model, text_tokens
+from mla_ref.data import load_corpus
+from mla_ref.hf import load_model
+from mla_ref.pipelines.calibration import calibration_windows, first_windows
 from mla_ref.pipelines.fetch import default_fetch_problem, default_model_dir
-
-
-def seconds(step, repeats: int) -> float:
-    """Median wall seconds of ``step()`` over ``repeats`` runs, after one run to warm up."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from mla_ref.profile import time_call
 
 
 @torch.no_grad()
@@ -91,16 +81,17 @@ def main() -> None:
     if not all(0 <= i < config.n_layers for i in layers):
         raise SystemExit(f"--layers must name layers 0 … {config.n_layers - 1}, got {args.layers}")
 
-    corpus = load_corpus()
-    windows = -(-args.calib_tokens // args.seq_len)
-    tokens = text_tokens(model_dir, corpus.train[: windows * args.seq_len * 6], config.vocab_size)
-    calibration = validation_windows(tokens, args.seq_len, windows * args.seq_len)[:, :-1]  # (n, s) token ids
-    every_token = torch.cat([calibration, calibration[: -(-args.eval_tokens // args.seq_len)]])  # calib + eval
+    corpus = load_corpus()  # the texts convert reads by default: its calibration windows, its evaluation windows
+    windows, _spread = calibration_windows(model_dir, corpus.train, config.vocab_size, args.calib_tokens, args.seq_len)
+    evaluation = first_windows(model_dir, corpus.val, config.vocab_size, args.eval_tokens, args.seq_len)
+    calibration = windows[:, :-1]  # (n, s) token ids
+    every_token = torch.cat([calibration, evaluation[:, :-1]])  # (n + n_eval, s): what each source block runs on
     print(
         f"SmolLM2-135M, budget {args.budget:.1%}: {len(calibration)} windows of {args.seq_len} calibration tokens "
         f"({calibration.numel():,}), {every_token.numel():,} through each block; torch threads "
         f"{torch.get_num_threads()}, median of {args.repeats}"
     )
+    timing = dict(warmup=1, repeats=args.repeats)  # median seconds after one untimed run
     hidden = source.embed_tokens(every_token)  # (n + n_eval, s, d)
     per_layer = []
     for i, layer in enumerate(source.layers):
@@ -112,10 +103,10 @@ def main() -> None:
             forward = refit = 0.0
             for _sizes, _key_weight, module, target in built:
                 o_proj, module.o_proj = module.o_proj, nn.Identity()
-                forward += seconds(lambda m=module, x=inputs: m(x), args.repeats)  # z, o_proj's input
+                forward += time_call(lambda m=module, x=inputs: m(x), **timing)  # z, o_proj's input
                 module.o_proj = o_proj
-                refit += seconds(lambda m=module, x=inputs, t=target: refit_in_place(m, x, t, 1e-4), args.repeats)
-            block = seconds(lambda la=layer, h=hidden: la(h), args.repeats)
+                refit += time_call(lambda m=module, x=inputs, t=target: refit_in_place(m, x, t, 1e-4), **timing)
+            block = time_call(lambda la=layer, h=hidden: la(h), **timing)
             per_layer.append((len(built), forward, refit, block))
             print(
                 f"layer {i:2d}: {len(built)} candidates, forward {forward / len(built):.3f} s and forward + normal "
